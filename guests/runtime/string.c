@@ -1,0 +1,23 @@
+/*
+ * memset and memcpy. Guests rarely call them, but gcc may emit calls to
+ * them on its own (zeroing or copying a struct), even with -ffreestanding,
+ * and there is no libc to provide them. rep stos/movs keeps them short and
+ * stops gcc from "optimising" a C loop back into a call to itself.
+ */
+#include "runtime.h"
+
+void *memset(void *dst, int c, uptr n)
+{
+	void *d = dst;
+
+	__asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+	return dst;
+}
+
+void *memcpy(void *dst, const void *src, uptr n)
+{
+	void *d = dst;
+
+	__asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+	return dst;
+}
