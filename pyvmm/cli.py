@@ -1,0 +1,103 @@
+"""The `pyvmm` command: boot a guest, print what it said, exit with its status.
+
+Failures print one line on stderr (plus a register dump when the guest crashed) and exit
+with the distinct status listed by `pyvmm run --help`; never a traceback for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pyvmm.errors import ExitStatus, PyvmmError
+from pyvmm.guests import guest_path
+from pyvmm.x86 import CpuMode
+
+_STATUSES = "\n".join(
+    f"  {status.value:3d}  {status.name.lower().replace('_', ' ')}" for status in ExitStatus
+)
+EPILOG = f"""exit status: 0 or (v << 1) | 1 when the guest ends itself (power-off, or a write of v
+to isa-debug-exit at port 0xF4); otherwise one of:
+{_STATUSES}"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the pyvmm command."""
+    parser = argparse.ArgumentParser(prog="pyvmm", description="A minimal VMM on Linux KVM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="boot a guest image",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("guest", nargs="?", default="hello", help="ELF image or bundled guest name")
+    run.add_argument("--memory", default="64M", help="guest RAM, e.g. 64M or 4G (default 64M)")
+    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument(
+        "--serial", default="stdio", help="UART output: stdio, file:PATH or none (default stdio)"
+    )
+    run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds")
+    run.add_argument(
+        "--mode",
+        choices=[mode.value for mode in CpuMode],
+        help="CPU mode at entry (default: long for ELF64, protected for ELF32)",
+    )
+    run.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
+    run.add_argument(
+        "--fail-on-unclaimed",
+        action="store_true",
+        help="stop the guest at its first access to an unclaimed port or MMIO address",
+    )
+    return parser
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Boot the guest as asked and return the process exit status."""
+    from pyvmm.machine import Machine
+
+    if args.serial == "capture":
+        raise PyvmmError("--serial capture is for the Python API: use stdio, file:PATH or none")
+    with Machine(
+        memory=args.memory,
+        cpus=args.cpus,
+        serial=args.serial,
+        irqchip=args.irqchip,
+        fail_on_unclaimed=args.fail_on_unclaimed,
+    ) as machine:
+        machine.load(guest_path(args.guest), args.mode)
+        if args.serial == "stdio" and _is_open(0):
+            machine.serial.start_input(0)
+        result = machine.run(timeout=args.timeout)
+    sys.stdout.flush()
+    for space, record in (("port", result.unclaimed_pio), ("MMIO", result.unclaimed_mmio)):
+        if record.count:
+            print(f"pyvmm: warning: {record.describe(space)}", file=sys.stderr)
+    if result.outcome not in ("exit", "halted"):
+        print(f"pyvmm: {result.message}", file=sys.stderr)
+        if result.registers:
+            print(result.registers, file=sys.stderr)
+    return result.exit_status & 0xFF
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the pyvmm console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except PyvmmError as error:
+        print(f"pyvmm: {error.message}", file=sys.stderr)
+        return int(error.exit_status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+/*
+ * pyvmm's native layer: the vCPU run loop and the devices that must not cost a trip into
+ * Python per access. Python sets these structures up once (pyvmm/bus.py, pyvmm/vcpu.py);
+ * the loop then runs KVM_RUN and handles every exit it can without taking the GIL.
+ *
+ * As in kvm_uapi.h, the text between the cdef markers is also given to cffi's cdef().
+ */
+#ifndef PYVMM_H
+#define PYVMM_H
+
+#include "kvm_uapi.h"
+
+/* cdef-begin */
+/* How a bus range is served. */
+enum pyvmm_handler_kind {
+	PYVMM_HANDLER_PYTHON = 0,     /* return to Python with the range index */
+	PYVMM_HANDLER_UART = 1,       /* struct pyvmm_uart in .device */
+	PYVMM_HANDLER_DEBUG_EXIT = 2, /* QEMU isa-debug-exit: a write of v ends the run, (v << 1) | 1 */
+	PYVMM_HANDLER_POWEROFF = 3,   /* ACPI PM1a control: a write with SLP_EN ends the run, status 0 */
+	PYVMM_HANDLER_FD = 4,         /* pread/pwrite on .fd at .fd_offset + (address - base) */
+};
+
+/* One claimed range of a port I/O or MMIO bus. */
+struct pyvmm_range {
+	uint64_t base;
+	uint64_t length;
+	uint32_t kind;
+	int32_t fd;
+	uint64_t fd_offset;
+	void *device;
+};
+
+/* A bus: ranges sorted by base, never overlapping (pyvmm/bus.py checks). */
+struct pyvmm_bus {
+	struct pyvmm_range *ranges;
+	uint32_t count;
+};
+
+/* Why pyvmm_vcpu_run returned. */
+enum pyvmm_stop {
+	PYVMM_STOP_PYTHON = 1,         /* a Python range was accessed: see access_* fields */
+	PYVMM_STOP_GUEST_EXIT = 2,     /* debug exit or power-off: exit_status */
+	PYVMM_STOP_HALTED = 3,         /* HLT with interrupts off: this vCPU is finished */
+	PYVMM_STOP_HALTED_IF = 4,      /* HLT with interrupts on and no in-kernel irqchip */
+	PYVMM_STOP_SHUTDOWN = 5,       /* triple fault */
+	PYVMM_STOP_FAIL_ENTRY = 6,
+	PYVMM_STOP_INTERNAL_ERROR = 7,
+	PYVMM_STOP_SYSTEM_EVENT = 8,
+	PYVMM_STOP_UNCLAIMED = 9,      /* unclaimed access while fail_on_unclaimed is set */
+	PYVMM_STOP_UNHANDLED_EXIT = 10,/* an exit reason pyvmm does not handle */
+	PYVMM_STOP_INTERRUPTED = 11,   /* *stop was set */
+	PYVMM_STOP_ERROR = 12,         /* a syscall failed: error holds errno */
+};
+
+/* Accesses that no range claimed. */
+struct pyvmm_unclaimed {
+	uint64_t count;
+	uint64_t last_address;
+	uint32_t last_size;
+	uint32_t last_is_write;
+};
+
+/* Everything one vCPU's loop needs, and what it reports back. */
+struct pyvmm_vcpu_loop {
+	int vcpu_fd;
+	struct kvm_run *run;
+	const struct pyvmm_bus *pio;
+	const struct pyvmm_bus *mmio;
+	volatile int *stop;
+	uint32_t fail_on_unclaimed;
+	struct pyvmm_unclaimed unclaimed_pio;
+	struct pyvmm_unclaimed unclaimed_mmio;
+	/* The access that stopped the loop with PYVMM_STOP_PYTHON. */
+	uint32_t access_range;    /* index into the bus's ranges */
+	uint32_t access_is_mmio;
+	uint32_t access_is_write;
+	uint32_t access_size;     /* bytes per item */
+	uint32_t access_count;    /* items (rep ins/outs) */
+	uint32_t access_data_offset; /* where the data lies in kvm_run */
+	uint64_t access_offset;   /* address - range base */
+	uint64_t exit_status;
+	int error;
+	uint32_t error_in_device; /* the errno came from a forwarded fd, not from KVM_RUN */
+	uint64_t exits;           /* every exit from KVM_RUN */
+	uint64_t python_exits;    /* exits handed to Python */
+};
+
+int pyvmm_vcpu_run(struct pyvmm_vcpu_loop *loop);
+
+/*
+ * Install a do-nothing handler for the signal that kicks vCPU threads out of KVM_RUN. In C,
+ * not through Python's signal module: it may be called from any thread, and it must outlive
+ * interpreter shutdown, which resets every Python-installed handler to the default (fatal).
+ */
+int pyvmm_install_kick_handler(int signum);
+
+/* ioctl(2) that returns -errno on failure, so Python needs no errno round trip. */
+int pyvmm_ioctl(int fd, unsigned long request, void *argument);
+int pyvmm_ioctl_value(int fd, unsigned long request, unsigned long argument);
+
+/* The 16550A UART: state is private to uart.c. */
+struct pyvmm_uart;
+struct pyvmm_uart *pyvmm_uart_new(int out_fd, int vm_fd, uint32_t irq);
+void pyvmm_uart_free(struct pyvmm_uart *uart);
+void pyvmm_uart_push_input(struct pyvmm_uart *uart, const uint8_t *bytes, uint32_t length);
+int pyvmm_uart_flush(struct pyvmm_uart *uart);
+uint64_t pyvmm_uart_bytes_out(struct pyvmm_uart *uart);
+/* cdef-end */
+
+/* Used by the run loop; not visible from Python. */
+void pyvmm_uart_io(struct pyvmm_uart *uart, uint64_t offset, uint8_t *data, uint32_t size,
+		   int is_write);
+
+#endif

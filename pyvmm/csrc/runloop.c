@@ -1,0 +1,240 @@
+/*
+ * The vCPU run loop: KVM_RUN, decode the exit, serve it natively when the claimed range
+ * has a native handler, and return to Python only when Python must act. Python calls
+ * pyvmm_vcpu_run() with the GIL released (cffi does that for every API-mode call), so
+ * vCPUs run in parallel and a native exit costs a bus lookup and a function call.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include "pyvmm.h"
+
+#define ACPI_PM1_SLP_EN (1u << 13)
+
+/* Binary search: buses hold a handful of ranges, but the lookup is on every exit. */
+static const struct pyvmm_range *bus_find(const struct pyvmm_bus *bus, uint64_t address,
+					  uint32_t *index)
+{
+	uint32_t low = 0, high = bus ? bus->count : 0;
+
+	while (low < high) {
+		uint32_t middle = low + (high - low) / 2;
+		const struct pyvmm_range *range = &bus->ranges[middle];
+
+		if (address < range->base) {
+			high = middle;
+		} else if (address - range->base >= range->length) {
+			low = middle + 1;
+		} else {
+			*index = middle;
+			return range;
+		}
+	}
+	return NULL;
+}
+
+static uint64_t load_le(const uint8_t *data, uint32_t size)
+{
+	uint64_t value = 0;
+
+	memcpy(&value, data, size < 8 ? size : 8);
+	return value;
+}
+
+enum { SERVED = 0 };
+
+/*
+ * Serve one item of an access natively. Returns SERVED, or a pyvmm_stop reason that ends
+ * the loop (a guest exit, an fd error).
+ */
+static int serve_native(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *range,
+			uint64_t address, uint8_t *data, uint32_t size, int is_write)
+{
+	uint64_t offset = address - range->base;
+	ssize_t done;
+
+	switch (range->kind) {
+	case PYVMM_HANDLER_UART:
+		pyvmm_uart_io(range->device, offset, data, size, is_write);
+		return SERVED;
+	case PYVMM_HANDLER_DEBUG_EXIT:
+		if (!is_write) {
+			memset(data, 0xff, size);
+			return SERVED;
+		}
+		loop->exit_status = (load_le(data, size) << 1) | 1;
+		return PYVMM_STOP_GUEST_EXIT;
+	case PYVMM_HANDLER_POWEROFF:
+		if (!is_write) {
+			memset(data, 0, size);
+			return SERVED;
+		}
+		if (!(load_le(data, size) & ACPI_PM1_SLP_EN))
+			return SERVED;
+		loop->exit_status = 0;
+		return PYVMM_STOP_GUEST_EXIT;
+	case PYVMM_HANDLER_FD:
+		if (is_write)
+			done = pwrite(range->fd, data, size, range->fd_offset + offset);
+		else
+			done = pread(range->fd, data, size, range->fd_offset + offset);
+		if (done == (ssize_t)size)
+			return SERVED;
+		loop->error = done < 0 ? errno : EIO;
+		loop->error_in_device = 1;
+		loop->access_offset = offset;
+		return PYVMM_STOP_ERROR;
+	}
+	loop->error = EINVAL;
+	return PYVMM_STOP_ERROR;
+}
+
+static int unclaimed(struct pyvmm_vcpu_loop *loop, struct pyvmm_unclaimed *record,
+		     uint64_t address, uint8_t *data, uint32_t size, int is_write)
+{
+	record->count++;
+	record->last_address = address;
+	record->last_size = size;
+	record->last_is_write = is_write;
+	if (!is_write)
+		memset(data, 0xff, size);
+	return loop->fail_on_unclaimed ? PYVMM_STOP_UNCLAIMED : SERVED;
+}
+
+/* Hand the access to Python: it completes the data in kvm_run and calls us again. */
+static int to_python(struct pyvmm_vcpu_loop *loop, uint32_t index, uint64_t offset,
+		     int is_mmio, int is_write, uint32_t size, uint32_t count,
+		     uint32_t data_offset)
+{
+	loop->access_range = index;
+	loop->access_offset = offset;
+	loop->access_is_mmio = is_mmio;
+	loop->access_is_write = is_write;
+	loop->access_size = size;
+	loop->access_count = count;
+	loop->access_data_offset = data_offset;
+	loop->python_exits++;
+	return PYVMM_STOP_PYTHON;
+}
+
+static int handle_io(struct pyvmm_vcpu_loop *loop)
+{
+	struct kvm_run *run = loop->run;
+	uint8_t *data = (uint8_t *)run + run->io.data_offset;
+	int is_write = run->io.direction == KVM_EXIT_IO_OUT;
+	uint32_t index, item;
+	const struct pyvmm_range *range = bus_find(loop->pio, run->io.port, &index);
+
+	if (!range)
+		return unclaimed(loop, &loop->unclaimed_pio, run->io.port, data,
+				 run->io.size * run->io.count, is_write);
+	if (range->kind == PYVMM_HANDLER_PYTHON)
+		return to_python(loop, index, run->io.port - range->base, 0, is_write,
+				 run->io.size, run->io.count, run->io.data_offset);
+	/* String I/O (rep ins/outs) arrives as count items back to back. */
+	for (item = 0; item < run->io.count; item++) {
+		int stop = serve_native(loop, range, run->io.port, data + item * run->io.size,
+					run->io.size, is_write);
+		if (stop != SERVED)
+			return stop;
+	}
+	return SERVED;
+}
+
+static int handle_mmio(struct pyvmm_vcpu_loop *loop)
+{
+	struct kvm_run *run = loop->run;
+	uint32_t index;
+	const struct pyvmm_range *range = bus_find(loop->mmio, run->mmio.phys_addr, &index);
+
+	if (!range)
+		return unclaimed(loop, &loop->unclaimed_mmio, run->mmio.phys_addr,
+				 run->mmio.data, run->mmio.len, run->mmio.is_write);
+	if (range->kind == PYVMM_HANDLER_PYTHON)
+		return to_python(loop, index, run->mmio.phys_addr - range->base, 1,
+				 run->mmio.is_write, run->mmio.len, 1,
+				 (uint32_t)((uint8_t *)run->mmio.data - (uint8_t *)run));
+	return serve_native(loop, range, run->mmio.phys_addr, run->mmio.data, run->mmio.len,
+			    run->mmio.is_write);
+}
+
+static void ignore_kick(int signum)
+{
+	(void)signum; /* interrupting KVM_RUN with EINTR is the whole point */
+}
+
+int pyvmm_install_kick_handler(int signum)
+{
+	struct sigaction action = { .sa_handler = ignore_kick };
+
+	/* No SA_RESTART: the ioctl must come back with EINTR. */
+	sigemptyset(&action.sa_mask);
+	return sigaction(signum, &action, NULL) < 0 ? -errno : 0;
+}
+
+int pyvmm_ioctl(int fd, unsigned long request, void *argument)
+{
+	int result = ioctl(fd, request, argument);
+
+	return result < 0 ? -errno : result;
+}
+
+int pyvmm_ioctl_value(int fd, unsigned long request, unsigned long argument)
+{
+	int result = ioctl(fd, request, argument);
+
+	return result < 0 ? -errno : result;
+}
+
+int pyvmm_vcpu_run(struct pyvmm_vcpu_loop *loop)
+{
+	struct kvm_run *run = loop->run;
+	int stop;
+
+	for (;;) {
+		if (*loop->stop)
+			return PYVMM_STOP_INTERRUPTED;
+		if (ioctl(loop->vcpu_fd, KVM_RUN, 0) < 0) {
+			/* EINTR is the stop kick (or a stray signal: just go round). */
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			loop->error = errno;
+			return PYVMM_STOP_ERROR;
+		}
+		loop->exits++;
+		switch (run->exit_reason) {
+		case KVM_EXIT_IO:
+			stop = handle_io(loop);
+			break;
+		case KVM_EXIT_MMIO:
+			stop = handle_mmio(loop);
+			break;
+		case KVM_EXIT_HLT:
+			stop = run->if_flag ? PYVMM_STOP_HALTED_IF : PYVMM_STOP_HALTED;
+			break;
+		case KVM_EXIT_INTR:
+			stop = SERVED;
+			break;
+		case KVM_EXIT_SHUTDOWN:
+			stop = PYVMM_STOP_SHUTDOWN;
+			break;
+		case KVM_EXIT_FAIL_ENTRY:
+			stop = PYVMM_STOP_FAIL_ENTRY;
+			break;
+		case KVM_EXIT_INTERNAL_ERROR:
+			stop = PYVMM_STOP_INTERNAL_ERROR;
+			break;
+		case KVM_EXIT_SYSTEM_EVENT:
+			stop = PYVMM_STOP_SYSTEM_EVENT;
+			break;
+		default:
+			stop = PYVMM_STOP_UNHANDLED_EXIT;
+			break;
+		}
+		if (stop != SERVED)
+			return stop;
+	}
+}

@@ -1,0 +1,289 @@
+"""The builder that assembles a VM from the layers below, and runs it.
+
+    with Machine(memory="64M", cpus=2, serial="capture") as machine:
+        machine.load("guest.elf")
+        result = machine.run(timeout=10)
+
+A Machine owns everything it opens (/dev/kvm, the VM, vCPUs, guest RAM, devices) and
+releases all of it in close(), whatever happened. It runs once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pyvmm._native import ffi, lib
+from pyvmm.bus import Bus, PythonHandler
+from pyvmm.devices.debug_exit import add_debug_exit
+from pyvmm.devices.power import add_power_off
+from pyvmm.devices.serial import Serial16550
+from pyvmm.errors import ConfigurationError, ExitStatus
+from pyvmm.kvm import Kvm, Vcpu
+from pyvmm.loader import LoadedImage, load_elf
+from pyvmm.memory import GuestMemory
+from pyvmm.result import RunResult, Unclaimed, describe_stop, register_dump
+from pyvmm.vcpu import KICK_SIGNAL, VcpuRunner, VcpuStop
+from pyvmm.x86 import (
+    VMX_IDENTITY_MAP_ADDRESS,
+    VMX_TSS_ADDRESS,
+    CpuMode,
+    setup_vcpu,
+    write_boot_tables,
+)
+
+PORT_SPACE = 1 << 16
+MMIO_SPACE = 1 << 52
+MAX_VCPUS = 64  # the test runtime's stacks, and more than any test guest needs
+
+
+class Machine:
+    """A VM with guest RAM, vCPUs, a UART, debug exit and power-off: build, load, run, close."""
+
+    def __init__(
+        self,
+        memory: int | str = "64M",
+        cpus: int = 1,
+        *,
+        serial: str | int = "stdio",
+        irqchip: bool = False,
+        fail_on_unclaimed: bool = False,
+        kvm_path: str = "/dev/kvm",
+    ) -> None:
+        """Open KVM and build the VM; see docs/guest-abi.md for what the guest gets."""
+        if not 1 <= cpus <= MAX_VCPUS:
+            raise ConfigurationError(f"--cpus must be between 1 and {MAX_VCPUS}, not {cpus}")
+        self.cpus = cpus
+        self.irqchip = irqchip
+        self.fail_on_unclaimed = fail_on_unclaimed
+        self.pio = Bus("port I/O", PORT_SPACE)
+        self.mmio = Bus("MMIO", MMIO_SPACE)
+        self.vcpus: list[Vcpu] = []
+        self.image: LoadedImage | None = None
+        self.mode: CpuMode | None = None
+        self.serial: Serial16550 | None = None
+        self.memory: GuestMemory | None = None
+        self._ran = False
+        self._closers: list[Any] = []
+        try:
+            self.kvm = Kvm(kvm_path)
+            self._closers.append(self.kvm.close)
+            self.vm = self.kvm.create_vm()
+            self._closers.append(self.vm.close)
+            self.memory = GuestMemory(memory)
+            self._closers.append(self.memory.close)
+            self._setup_vm()
+            self.serial = Serial16550(self.pio, serial, self.vm.fd if irqchip else -1)
+            self._closers.append(self.serial.close)
+            add_debug_exit(self.pio)
+            add_power_off(self.pio)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup_vm(self) -> None:
+        self.vm.set_tss_addr(VMX_TSS_ADDRESS)
+        self.vm.set_identity_map_addr(VMX_IDENTITY_MAP_ADDRESS)
+        if self.irqchip:
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(
+                slot, region.guest_phys_addr, region.size, region.host_address
+            )
+
+    def load(self, path: str | Path, mode: CpuMode | str | None = None) -> LoadedImage:
+        """Load an ELF guest; mode defaults to long for ELF64 and protected for ELF32."""
+        mode = CpuMode(mode) if mode is not None else None
+        self.image = load_elf(self.memory, path, real_mode=mode is CpuMode.REAL)
+        self.mode = mode or (CpuMode.LONG if self.image.elf_class == 64 else CpuMode.PROTECTED)
+        if self.mode is CpuMode.LONG and self.image.elf_class != 64:
+            raise ConfigurationError(f"{path} is ELF32: it cannot be entered in long mode")
+        write_boot_tables(self.memory, self.mode)
+        return self.image
+
+    def add_pio(self, base: int, length: int, handler: PythonHandler, name: str = "") -> None:
+        """Serve ports [base, base + length) with a Python handler(offset, data, is_write)."""
+        self.pio.add(base, length, handler, name)
+
+    def add_mmio(self, base: int, length: int, handler: PythonHandler, name: str = "") -> None:
+        """Serve MMIO [base, base + length) with a Python handler(offset, data, is_write)."""
+        self.mmio.add(base, length, handler, name)
+
+    def forward_pio(self, base: int, length: int, fd: int, offset: int = 0) -> None:
+        """Serve ports natively by pread/pwrite on fd at offset + (port - base)."""
+        self.pio.add_fd(base, length, fd, offset)
+
+    def forward_mmio(self, base: int, length: int, fd: int, offset: int = 0) -> None:
+        """Serve MMIO natively by pread/pwrite on fd at offset + (address - base)."""
+        self.mmio.add_fd(base, length, fd, offset)
+
+    def _create_vcpus(self) -> None:
+        if self.image is None:
+            raise ConfigurationError("no guest loaded: call load() before run()")
+        cpuid = self.kvm.supported_cpuid()
+        for index in range(self.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            self.vcpus.append(vcpu)
+            setup_vcpu(vcpu, self.mode, self.image.entry, index, self.cpus, cpuid)
+            if self.irqchip and index:
+                # With an in-kernel LAPIC, APs wait for INIT/SIPI; ours start at the entry.
+                vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run every vCPU until the guest ends, a vCPU fails, timeout passes, or a signal."""
+        if self._ran:
+            raise ConfigurationError("a Machine runs once: build a new one to run again")
+        self._ran = True
+        lib.pyvmm_install_kick_handler(KICK_SIGNAL)
+        self._create_vcpus()
+        in_main = threading.current_thread() is threading.main_thread()
+        return _Run(self, timeout, handle_signals=in_main).result()
+
+    def close(self) -> None:
+        """Release everything: vCPUs, devices, guest RAM, the VM and /dev/kvm."""
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        while self._closers:
+            self._closers.pop()()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Run:
+    """One run of a Machine: vCPU threads, the wait, the stop, and the result."""
+
+    def __init__(self, machine: Machine, timeout: float | None, handle_signals: bool) -> None:
+        self.machine = machine
+        self.stop_flag = ffi.new("int *")
+        self.runners = [
+            VcpuRunner(vcpu, machine.pio, machine.mmio, self.stop_flag, machine.fail_on_unclaimed)
+            for vcpu in machine.vcpus
+        ]
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.stops: dict[int, VcpuStop] = {}
+        self.first_failure: tuple[VcpuRunner, VcpuStop] | None = None
+        self.signalled: int | None = None
+        self.timed_out = False
+        self.timeout = timeout
+        self.handle_signals = handle_signals
+
+    def _vcpu_thread(self, runner: VcpuRunner) -> None:
+        runner.thread_id = threading.get_ident()
+        try:
+            stop = runner.run()
+        except BaseException as error:  # a bug in pyvmm itself: report it, don't hang
+            runner.exception = error
+            stop = VcpuStop.HANDLER_RAISED
+        with self.lock:
+            self.stops[runner.vcpu.index] = stop
+            if stop not in (VcpuStop.HALTED, VcpuStop.INTERRUPTED) and self.first_failure is None:
+                self.first_failure = (runner, stop)
+            halted = sum(s is VcpuStop.HALTED for s in self.stops.values())
+            if self.first_failure or halted == len(self.runners):
+                self.done.set()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signalled = signum
+        self.done.set()
+
+    def _stop_all(self) -> None:
+        self.stop_flag[0] = 1
+        for runner in self.runners:
+            runner.kick()
+
+    def result(self) -> RunResult:
+        previous = {}
+        if self.handle_signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, self._on_signal)
+        threads = [
+            threading.Thread(target=self._vcpu_thread, args=(r,), name=f"vcpu{r.vcpu.index}")
+            for r in self.runners
+        ]
+        started = time.monotonic()
+        try:
+            for thread in threads:
+                thread.start()
+            deadline = None if self.timeout is None else started + self.timeout
+            while not self.done.is_set():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self.timed_out = True
+                    break
+                self.done.wait(remaining if remaining is None else min(remaining, 1.0))
+        finally:
+            self._stop_all()
+            for thread in threads:
+                while thread.is_alive():
+                    # Keep kicking: a kick can land just before a thread enters KVM_RUN.
+                    thread.join(0.05)
+                    if thread.is_alive():
+                        self._stop_all()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self._build_result(time.monotonic() - started)
+
+    def _build_result(self, elapsed: float) -> RunResult:
+        machine = self.machine
+        if self.first_failure is not None:
+            runner, stop = self.first_failure
+            if stop is VcpuStop.HANDLER_RAISED and runner.exception is not None:
+                self._raise_handler_error(runner)
+            outcome, status, message = describe_stop(runner, stop)
+            vcpu = runner.vcpu.index
+        elif self.signalled is not None:
+            name = signal.Signals(self.signalled).name
+            outcome, status, message = "signal", ExitStatus.SIGNALLED, f"stopped by {name}"
+            vcpu = None
+        elif self.timed_out:
+            outcome, status, vcpu = "timeout", ExitStatus.TIMEOUT, None
+            message = f"guest still running after the {self.timeout:g} s timeout"
+        else:
+            outcome, status, message, vcpu = "halted", 0, "every vCPU halted with interrupts off", None
+        failed = status != 0 and outcome != "exit"
+        dump_from = [machine.vcpus[vcpu]] if vcpu is not None else machine.vcpus
+        result = RunResult(
+            outcome=outcome,
+            exit_status=int(status),
+            message=message,
+            vcpu=vcpu,
+            registers="\n".join(register_dump(v) for v in dump_from) if failed else "",
+            elapsed=elapsed,
+        )
+        for runner in self.runners:
+            loop = runner.loop
+            result.exits += loop.exits
+            result.python_exits += loop.python_exits
+            _add_unclaimed(result.unclaimed_pio, loop.unclaimed_pio)
+            _add_unclaimed(result.unclaimed_mmio, loop.unclaimed_mmio)
+        machine.serial.flush()
+        with contextlib.suppress(ValueError):
+            result.serial = machine.serial.captured()
+        return result
+
+    @staticmethod
+    def _raise_handler_error(runner: VcpuRunner) -> None:
+        error = runner.exception
+        runner.exception = None
+        error.add_note(f"raised by the handler of {runner.access_range_name()} "
+                       f"on vCPU {runner.vcpu.index}")
+        raise error
+
+
+def _add_unclaimed(total: Unclaimed, record: Any) -> None:
+    if record.count:
+        total.count += record.count
+        total.last_address = record.last_address
+        total.last_size = record.last_size
+        total.last_is_write = bool(record.last_is_write)

@@ -1,0 +1,151 @@
+"""Guest RAM: anonymous mmap-backed numpy arrays, laid out like a PC's.
+
+RAM below 3 GiB sits at guest-physical 0; anything beyond continues at 4 GiB, leaving the
+usual hole below 4 GiB for MMIO. The mappings are MAP_NORESERVE, so a 4 GiB guest costs only
+the pages it touches. Every access goes through a bounds-checked translation to a numpy view
+of host memory: no copies, and a stray guest-physical address is an error, not a crash.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from pyvmm.errors import ConfigurationError
+
+MIB = 1 << 20
+GIB = 1 << 30
+#: Start of the PCI/MMIO hole below 4 GiB.
+MMIO_HOLE_START = 3 * GIB
+#: Where RAM resumes above the hole.
+HIGH_RAM_START = 4 * GIB
+#: Linux's MAP_NORESERVE (the mmap module does not export it).
+MAP_NORESERVE = 0x4000
+PAGE_SIZE = 4096
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a memory size such as 64M, 4G, 512MiB or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigurationError(f"bad memory size {text!r}: use a number with K, M or G, e.g. 64M")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous stretch of guest RAM and the host mapping behind it."""
+
+    guest_phys_addr: int
+    size: int
+    array: np.ndarray
+    mapping: mmap.mmap
+
+    @property
+    def end(self) -> int:
+        """One past the last guest-physical address of the region."""
+        return self.guest_phys_addr + self.size
+
+    @property
+    def host_address(self) -> int:
+        """Host virtual address of the region's first byte (for memory slots)."""
+        return self.array.ctypes.data
+
+
+class GuestMemory:
+    """Guest RAM of a given size, split around the MMIO hole, with guest-physical views."""
+
+    def __init__(self, size: int | str) -> None:
+        size = parse_size(size)
+        if size < MIB or size % PAGE_SIZE:
+            raise ConfigurationError(
+                f"guest memory must be at least 1 MiB and a multiple of 4 KiB, not {size} bytes"
+            )
+        self.size = size
+        self.regions: list[MemoryRegion] = []
+        low = min(size, MMIO_HOLE_START)
+        self._add_region(0, low)
+        if size > low:
+            self._add_region(HIGH_RAM_START, size - low)
+
+    def _add_region(self, guest_phys_addr: int, size: int) -> None:
+        mapping = mmap.mmap(
+            -1,
+            size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        array = np.frombuffer(mapping, dtype=np.uint8)
+        self.regions.append(MemoryRegion(guest_phys_addr, size, array, mapping))
+
+    @property
+    def top(self) -> int:
+        """One past the highest guest-physical RAM address."""
+        return self.regions[-1].end
+
+    def region_of(self, guest_phys_addr: int, length: int = 1) -> MemoryRegion | None:
+        """Return the region holding [addr, addr + length), or None if no single one does."""
+        for region in self.regions:
+            if region.guest_phys_addr <= guest_phys_addr and guest_phys_addr + length <= region.end:
+                return region
+        return None
+
+    def contains(self, guest_phys_addr: int, length: int = 1) -> bool:
+        """Whether [addr, addr + length) is RAM, within a single region."""
+        return length >= 0 and self.region_of(guest_phys_addr, length) is not None
+
+    def view(self, guest_phys_addr: int, length: int, dtype: np.dtype | type = np.uint8) -> np.ndarray:
+        """A writable zero-copy view of guest RAM as an array of dtype."""
+        itemsize = np.dtype(dtype).itemsize
+        region = self.region_of(guest_phys_addr, length)
+        if region is None or length < 0:
+            raise IndexError(
+                f"guest-physical range [{guest_phys_addr:#x}, {guest_phys_addr + length:#x}) "
+                "is not RAM"
+            )
+        if length % itemsize or guest_phys_addr % itemsize:
+            raise ValueError(f"{length} bytes at {guest_phys_addr:#x} is not {dtype} aligned")
+        start = guest_phys_addr - region.guest_phys_addr
+        return region.array[start : start + length].view(dtype)
+
+    def read(self, guest_phys_addr: int, length: int) -> bytes:
+        """Copy bytes out of guest RAM."""
+        return self.view(guest_phys_addr, length).tobytes()
+
+    def write(self, guest_phys_addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy bytes into guest RAM."""
+        self.view(guest_phys_addr, len(data))[:] = np.frombuffer(data, dtype=np.uint8)
+
+    def fill(self, guest_phys_addr: int, length: int, value: int = 0) -> None:
+        """Set a range of guest RAM to one byte value (e.g. zero a BSS)."""
+        self.view(guest_phys_addr, length)[:] = value
+
+    def load_from_file(self, file: BinaryIO, file_offset: int, guest_phys_addr: int, length: int) -> None:
+        """Read length bytes of file straight into guest RAM (no intermediate bytes object)."""
+        target = memoryview(self.view(guest_phys_addr, length))
+        file.seek(file_offset)
+        done = 0
+        while done < length:
+            count = file.readinto(target[done:])
+            if not count:
+                raise EOFError(f"file ends {length - done} bytes short of {length} at {file_offset:#x}")
+            done += count
+
+    def close(self) -> None:
+        """Unmap guest RAM; views handed out earlier keep their pages until they are dropped."""
+        for region in self.regions:
+            region.array = np.empty(0, dtype=np.uint8)
+            try:
+                region.mapping.close()
+            except BufferError:
+                pass  # a caller still holds a view: the mapping goes when that view does
+        self.regions = []

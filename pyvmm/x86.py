@@ -1,0 +1,156 @@
+"""x86 CPU state at guest entry: GDT, identity-mapped page tables, segments, CPUID, MSRs.
+
+The VMM enters the guest directly in the mode the image needs (docs/guest-abi.md), as
+kvmtool and Firecracker do, instead of running firmware that would switch modes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from pyvmm._native import ffi
+from pyvmm.kvm import Cdata, Vcpu
+from pyvmm.memory import GIB, GuestMemory
+
+GDT_ADDRESS = 0x1000
+PML4_ADDRESS = 0x2000
+PDPT_ADDRESS = 0x3000
+PD_ADDRESS = 0x4000
+PAGE_TABLES_END = 0xA0000
+
+#: GDT selectors (docs/guest-abi.md).
+CODE64_SELECTOR = 0x08
+DATA_SELECTOR = 0x10
+CODE32_SELECTOR = 0x18
+#: Descriptors in GDT order: null, 64-bit code, flat data, 32-bit code.
+GDT_ENTRIES = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CF9B000000FFFF)
+
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400
+EFER_LME, EFER_LMA = 0x100, 0x400
+PAGE_PRESENT, PAGE_WRITE, PAGE_HUGE = 1, 2, 0x80
+TWO_MIB = 2 << 20
+
+MSR_MTRR_DEF_TYPE = 0x2FF
+#: MTRRs enabled, default type write-back. Once a VFIO device makes DMA non-coherent, KVM
+#: honours guest MTRRs, and a guest left with the reset value (uncached) crawls.
+MTRR_DEF_TYPE_WB_ENABLED = 0xC06
+
+#: Where Intel VMX keeps its real-mode TSS and identity map: just below the BIOS area, as QEMU.
+VMX_TSS_ADDRESS = 0xFFFBD000
+VMX_IDENTITY_MAP_ADDRESS = 0xFFFBC000
+
+
+class CpuMode(enum.Enum):
+    """The mode a guest is entered in."""
+
+    LONG = "long"
+    PROTECTED = "protected"
+    REAL = "real"
+
+
+def write_boot_tables(memory: GuestMemory, mode: CpuMode) -> None:
+    """Write the GDT, and in long mode page tables identity-mapping [0, max(4 GiB, RAM top))."""
+    if mode is CpuMode.REAL:
+        return
+    memory.view(GDT_ADDRESS, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
+    if mode is not CpuMode.LONG:
+        return
+    gigabytes = max(4 * GIB, memory.top + GIB - 1) // GIB
+    if PD_ADDRESS + gigabytes * 4096 > PAGE_TABLES_END:
+        raise ValueError(f"{gigabytes} GiB of guest-physical space is more than pyvmm maps")
+    memory.view(PML4_ADDRESS, 8, np.uint64)[0] = PDPT_ADDRESS | PAGE_PRESENT | PAGE_WRITE
+    directories = PD_ADDRESS + 4096 * np.arange(gigabytes, dtype=np.uint64)
+    memory.view(PDPT_ADDRESS, 8 * gigabytes, np.uint64)[:] = directories | PAGE_PRESENT | PAGE_WRITE
+    pages = np.arange(gigabytes * 512, dtype=np.uint64) * TWO_MIB
+    memory.view(PD_ADDRESS, 8 * len(pages), np.uint64)[:] = (
+        pages | PAGE_PRESENT | PAGE_WRITE | PAGE_HUGE
+    )
+
+
+def _segment(segment: Cdata, selector: int, base: int, limit: int, type_: int, **flags: int) -> None:
+    segment.selector = selector
+    segment.base = base
+    segment.limit = limit
+    segment.type = type_
+    segment.present = 1
+    segment.dpl = 0
+    segment.s = 1
+    segment.db = flags.get("db", 0)
+    segment.l = flags.get("l", 0)  # noqa: E741 - the kernel's field name
+    segment.g = flags.get("g", 0)
+    segment.avl = 0
+    segment.unusable = 0
+
+
+def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
+    sregs = vcpu.get_sregs()
+    data_segments = (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss)
+    if mode is CpuMode.REAL:
+        selector = (entry >> 4) & 0xF000
+        for segment in (sregs.cs, *data_segments):
+            _segment(segment, selector, selector << 4, 0xFFFF, 3)
+        sregs.cs.type = 11
+        sregs.cr0 = CR0_ET
+        sregs.cr4 = 0
+        sregs.efer = 0
+    else:
+        long_mode = mode is CpuMode.LONG
+        code = CODE64_SELECTOR if long_mode else CODE32_SELECTOR
+        _segment(sregs.cs, code, 0, 0xFFFFFFFF, 11, g=1, l=int(long_mode), db=int(not long_mode))
+        for segment in data_segments:
+            _segment(segment, DATA_SELECTOR, 0, 0xFFFFFFFF, 3, g=1, db=1)
+        sregs.gdt.base = GDT_ADDRESS
+        sregs.gdt.limit = 8 * len(GDT_ENTRIES) - 1
+        # An empty IDT: any exception escalates to a triple fault, which pyvmm reports.
+        sregs.idt.base = 0
+        sregs.idt.limit = 0
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE
+        sregs.cr4 = CR4_OSFXSR | CR4_OSXMMEXCPT
+        sregs.efer = 0
+        if long_mode:
+            sregs.cr0 |= CR0_WP | CR0_PG
+            sregs.cr3 = PML4_ADDRESS
+            sregs.cr4 |= CR4_PAE
+            sregs.efer = EFER_LME | EFER_LMA
+    # A busy TSS: VMX refuses to enter without a usable TR, whatever the mode.
+    sregs.tr.present = 1
+    sregs.tr.type = 11
+    sregs.tr.s = 0
+    sregs.tr.limit = 0x67
+    sregs.tr.unusable = 0
+    vcpu.set_sregs(sregs)
+
+
+def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
+    """The supported CPUID with vCPU index as its APIC ID (leaves 0x1, 0xB and 0x1F)."""
+    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": supported.nent, "entries": supported.nent})
+    ffi.memmove(
+        cpuid.entries, supported.entries, supported.nent * ffi.sizeof("struct kvm_cpuid_entry2")
+    )
+    for i in range(cpuid.nent):
+        entry = cpuid.entries[i]
+        if entry.function == 1:
+            entry.ebx = (entry.ebx & 0x00FFFFFF) | (index << 24)
+        elif entry.function in (0xB, 0x1F):
+            entry.edx = index
+    return cpuid
+
+
+def setup_vcpu(
+    vcpu: Vcpu, mode: CpuMode, entry: int, index: int, count: int, supported_cpuid: Cdata
+) -> None:
+    """Put a fresh vCPU at the guest's entry, in mode, with its index and the vCPU count."""
+    vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
+    _set_sregs(vcpu, mode, entry)
+    regs = vcpu.get_regs()
+    for name in ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "r8", "r9", "r10", "r11"):
+        setattr(regs, name, 0)
+    regs.rip = entry & 0xFFFF if mode is CpuMode.REAL else entry
+    regs.rflags = 0x2
+    regs.rdi = index
+    regs.rsi = count
+    vcpu.set_regs(regs)
+    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED})
