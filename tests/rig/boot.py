@@ -27,7 +27,7 @@ DROP_ENV = {"_", "OLDPWD", "PWD", "SHLVL", "TMPDIR", "HOSTNAME", "TERM_PROGRAM",
 
 #: Inner machine: AMD model with SVM (TCG has no VMX), emulated VT-d, edu.
 #: Console lines that are not the command's: firmware banner, power-off.
-NOISE = re.compile(rb"^(\x1b\S*)?(Booting from ROM|\[ *[0-9.]+\] reboot: Power down)")
+NOISE = re.compile(rb"^(\x1b|Booting from ROM|\[ *[0-9.]+\] reboot: Power down)")
 
 MEMORY = os.environ.get("PYVMM_RIG_MEMORY", "2G")
 CPUS = os.environ.get("PYVMM_RIG_CPUS", "2")
@@ -43,6 +43,10 @@ def job_script(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     # The host's Python comes first, so `python` inside is the interpreter
     # that runs this harness (with its site-packages and editable installs).
     lines.append(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"')
+    if not sys.stdout.isatty():
+        # Inside, stdout is the serial console, a tty: keep colour codes out
+        # of logs when the harness's own output is not a terminal.
+        lines.append("export PY_COLORS=0 NO_COLOR=1 TERM=dumb")
     lines.append(f"cd {shlex.quote(str(cwd))} || exit 126")
     lines.append("exec " + " ".join(shlex.quote(a) for a in cmd))
     return "\n".join(lines) + "\n"
@@ -60,7 +64,7 @@ def qemu_argv(rig: Rig, run: Path, repo: Path) -> list[str]:
         "-smp", CPUS, "-m", MEMORY, "-nographic", "-no-reboot", "-nic", "none",
         "-device", "intel-iommu,caching-mode=on,intremap=on", "-device", "edu",
         "-kernel", str(rig.vmlinuz), "-initrd", str(rig.initrd), "-append", append,
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={repo},mount_tag=rigrepo,security_model=none",
         "-virtfs", f"local,path={run},mount_tag=rigrun,security_model=none",
     ]
