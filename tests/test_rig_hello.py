@@ -20,7 +20,10 @@ def test_hello_guest_on_inner_kvm() -> None:
         pytest.skip("pyvmm (the core, with `python -m pyvmm run`) is not importable")
     r = subprocess.run(
         [sys.executable, "-m", "pyvmm", "run"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     assert GREETING in r.stdout, r.stdout

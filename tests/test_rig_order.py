@@ -200,8 +200,9 @@ def open_group_path(dev: Dev, fds: Fds, kvfio: int, register_first: bool, probe:
         file_add(kvfio, group)
     probe.clear()
     try:
-        return fds.keep(ioctl(group, VFIO_GROUP_GET_DEVICE_FD,
-                              ctypes.create_string_buffer(dev.name.encode())))
+        return fds.keep(
+            ioctl(group, VFIO_GROUP_GET_DEVICE_FD, ctypes.create_string_buffer(dev.name.encode()))
+        )
     finally:
         if not register_first:
             file_add(kvfio, group)  # accepted, but the device was opened without kvm
@@ -241,8 +242,9 @@ def test_rig_is_ready() -> None:
     for kind in ("edu", "mtty", "mtty_kvm"):
         d = rig_dev(kind)
         assert os.path.exists(f"/dev/vfio/{d.group}") and os.path.exists(d.cdev), kind
-    assert os.path.realpath(f"/sys/bus/pci/devices/{os.environ['PYVMM_RIG_EDU']}/driver") \
-        .endswith("/vfio-pci")
+    assert os.path.realpath(f"/sys/bus/pci/devices/{os.environ['PYVMM_RIG_EDU']}/driver").endswith(
+        "/vfio-pci"
+    )
     assert Path("/sys/module/kvm_amd").exists()
     assert (TRACING / "kprobe_events").exists()
 

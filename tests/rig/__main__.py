@@ -23,12 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a command inside pyvmm's nested KVM+VFIO test rig.",
         epilog="example: python -m tests.rig -- python -m pytest -m rig tests",
     )
-    ap.add_argument("--rebuild", action="store_true",
-                    help="rebuild the cached kernel modules and initramfs first")
-    ap.add_argument("--prepare-only", action="store_true",
-                    help="only prepare (download, build, cache) the rig")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="kill the rig after this many seconds")
+    ap.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild the cached kernel modules and initramfs first",
+    )
+    ap.add_argument(
+        "--prepare-only", action="store_true", help="only prepare (download, build, cache) the rig"
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=None, help="kill the rig after this many seconds"
+    )
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     args = ap.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

@@ -22,8 +22,21 @@ from .build import Rig
 from .steps import say
 
 #: Variables not carried into the rig: they describe the host session only.
-DROP_ENV = {"_", "OLDPWD", "PWD", "SHLVL", "TMPDIR", "HOSTNAME", "TERM_PROGRAM", "DISPLAY",
-            "SSH_AUTH_SOCK", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "LD_PRELOAD"}
+DROP_ENV = {
+    "_",
+    "OLDPWD",
+    "PWD",
+    "SHLVL",
+    "TMPDIR",
+    "HOSTNAME",
+    "TERM_PROGRAM",
+    "DISPLAY",
+    "SSH_AUTH_SOCK",
+    "SSH_CONNECTION",
+    "SSH_CLIENT",
+    "SSH_TTY",
+    "LD_PRELOAD",
+}
 
 #: Inner machine: AMD model with SVM (TCG has no VMX), emulated VT-d, edu.
 #: Console lines that are not the command's: firmware banner, power-off.
@@ -57,21 +70,52 @@ def qemu_argv(rig: Rig, run: Path, repo: Path) -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if not qemu:
         raise RigError("boot", "qemu-system-x86_64 not found (package qemu-system-x86)")
-    append = (f"console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt "
-              f"pyvmm_rig.run={run} pyvmm_rig.repo={repo}")
+    append = (
+        f"console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt "
+        f"pyvmm_rig.run={run} pyvmm_rig.repo={repo}"
+    )
     return [
-        qemu, "-machine", "q35,kernel-irqchip=split", "-accel", "tcg", "-cpu", "max",
-        "-smp", CPUS, "-m", MEMORY, "-nographic", "-no-reboot", "-nic", "none",
-        "-device", "intel-iommu,caching-mode=on,intremap=on", "-device", "edu",
-        "-kernel", str(rig.vmlinuz), "-initrd", str(rig.initrd), "-append", append,
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        "-virtfs", f"local,path={repo},mount_tag=rigrepo,security_model=none",
-        "-virtfs", f"local,path={run},mount_tag=rigrun,security_model=none",
+        qemu,
+        "-machine",
+        "q35,kernel-irqchip=split",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        CPUS,
+        "-m",
+        MEMORY,
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-device",
+        "intel-iommu,caching-mode=on,intremap=on",
+        "-device",
+        "edu",
+        "-kernel",
+        str(rig.vmlinuz),
+        "-initrd",
+        str(rig.initrd),
+        "-append",
+        append,
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+        f"local,path={repo},mount_tag=rigrepo,security_model=none",
+        "-virtfs",
+        f"local,path={run},mount_tag=rigrun,security_model=none",
     ]
 
 
-def run_in_rig(rig: Rig, cmd: list[str], cwd: Path | None = None,
-               env: dict[str, str] | None = None, timeout: float | None = None) -> int:
+def run_in_rig(
+    rig: Rig,
+    cmd: list[str],
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> int:
     """Boot the rig, run ``cmd`` in it and return its exit status.
 
     The command's output (the inner serial console) is copied to stdout as it
@@ -91,8 +135,12 @@ def run_in_rig(rig: Rig, cmd: list[str], cwd: Path | None = None,
     t0 = time.monotonic()
     failed = None
     with open(console, "wb") as log:
-        proc = subprocess.Popen(qemu_argv(rig, run, repo), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            qemu_argv(rig, run, repo),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         assert proc.stdout is not None
         try:
             deadline = None if timeout is None else t0 + timeout
@@ -101,8 +149,8 @@ def run_in_rig(rig: Rig, cmd: list[str], cwd: Path | None = None,
                 if line.startswith(b"rig-init: "):
                     text = line.decode(errors="replace").strip()
                     if text.startswith("rig-init: FAILED: "):
-                        failed = text[len("rig-init: FAILED: "):]
-                    say(text[len("rig-init: "):])
+                        failed = text[len("rig-init: FAILED: ") :]
+                    say(text[len("rig-init: ") :])
                 elif not NOISE.match(line):
                     sys.stdout.buffer.write(line)
                     sys.stdout.buffer.flush()
@@ -117,8 +165,11 @@ def run_in_rig(rig: Rig, cmd: list[str], cwd: Path | None = None,
     if failed:
         raise RigError(f"inner set-up: {failed}", "the inner init stopped", console)
     if not status.exists():
-        raise RigError("run", f"the inner system stopped (QEMU exit {proc.returncode}) "
-                       "before the command finished", console)
+        raise RigError(
+            "run",
+            f"the inner system stopped (QEMU exit {proc.returncode}) before the command finished",
+            console,
+        )
     rc = int(status.read_text().strip() or "1")
     say(f"command exited {rc} after {time.monotonic() - t0:.1f}s in the rig")
     shutil.rmtree(run, ignore_errors=True)

@@ -25,15 +25,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import (
-    HERE, HOST_PACKAGES, KERNEL_ABI, KERNEL_DEB_VERSION, KERNEL_PACKAGES, KERNEL_RELEASE,
-    MTTY_KVM_UUID, MTTY_UUID, RigError, cache_root, digest,
+    HERE,
+    HOST_PACKAGES,
+    KERNEL_ABI,
+    KERNEL_DEB_VERSION,
+    KERNEL_PACKAGES,
+    KERNEL_RELEASE,
+    MTTY_KVM_UUID,
+    MTTY_UUID,
+    RigError,
+    cache_root,
+    digest,
 )
 from .initramfs import resolve_modules, write_initramfs
 from .steps import download_backports, ensure_host_debs, run_step, say
 
 #: Source paths taken from linux-source-6.12's tarball.
-SOURCE_PATHS = ("drivers/vfio", "drivers/iommu/iommu-priv.h", "drivers/iommu/iommufd",
-                "lib/interval_tree.c", "samples/vfio-mdev/mtty.c")
+SOURCE_PATHS = (
+    "drivers/vfio",
+    "drivers/iommu/iommu-priv.h",
+    "drivers/iommu/iommufd",
+    "lib/interval_tree.c",
+    "samples/vfio-mdev/mtty.c",
+)
 
 
 @dataclass
@@ -47,9 +61,13 @@ class Rig:
 def kernel_key() -> str:
     """Cache key of the kernel build: every input that changes its output."""
     return digest(
-        KERNEL_DEB_VERSION, KERNEL_ABI, *KERNEL_PACKAGES,
-        (HERE / "Kbuild").read_bytes(), (HERE / "mtty-kvm.patch").read_bytes(),
-        Path(__file__).read_bytes(), (HERE / "initramfs.py").read_bytes(),
+        KERNEL_DEB_VERSION,
+        KERNEL_ABI,
+        *KERNEL_PACKAGES,
+        (HERE / "Kbuild").read_bytes(),
+        (HERE / "mtty-kvm.patch").read_bytes(),
+        Path(__file__).read_bytes(),
+        (HERE / "initramfs.py").read_bytes(),
     )
 
 
@@ -70,8 +88,11 @@ def deb_file(debs: Path, pkg: str) -> Path:
 def fetch(debs: Path, logs: Path) -> None:
     """Download the kernel packages that are not in the cache yet."""
     ver = KERNEL_DEB_VERSION.replace(":", "%3a")
-    need = [f"{p}={KERNEL_DEB_VERSION}" for p in KERNEL_PACKAGES
-            if not list(debs.glob(f"{p}_{ver}_*.deb"))]
+    need = [
+        f"{p}={KERNEL_DEB_VERSION}"
+        for p in KERNEL_PACKAGES
+        if not list(debs.glob(f"{p}_{ver}_*.deb"))
+    ]
     if need:
         download_backports(need, debs, cache_root() / "apt", logs / "download.log")
 
@@ -91,10 +112,13 @@ def extract(debs: Path, work: Path, log: Path) -> tuple[Path, Path]:
     src.mkdir(parents=True)
     tarball = "./usr/src/linux-source-6.12.tar.xz"
     members = [f"linux-source-6.12/{p}" for p in SOURCE_PATHS]
-    script = (f'dpkg-deb --fsys-tarfile "$1" | tar -xO {tarball} | '
-              f'tar -xJ -C "$2" --strip-components=1 {" ".join(members)}')
-    run_step(step, ["sh", "-c", script, "sh", str(deb_file(debs, "linux-source-6.12")), str(src)],
-             log)
+    script = (
+        f'dpkg-deb --fsys-tarfile "$1" | tar -xO {tarball} | '
+        f'tar -xJ -C "$2" --strip-components=1 {" ".join(members)}'
+    )
+    run_step(
+        step, ["sh", "-c", script, "sh", str(deb_file(debs, "linux-source-6.12")), str(src)], log
+    )
     return root, src
 
 
@@ -106,13 +130,17 @@ def make_tree(src: Path, tree: Path, log: Path) -> None:
     # iterator (CONFIG_INTERVAL_TREE_SPAN_ITER): keep only that part, unexported.
     text = (tree / "lib/interval_tree.c").read_text()
     end = "EXPORT_SYMBOL_GPL(interval_tree_iter_next);\n"
-    text = text[: text.index("INTERVAL_TREE_DEFINE")] + text[text.index(end) + len(end):]
+    text = text[: text.index("INTERVAL_TREE_DEFINE")] + text[text.index(end) + len(end) :]
     text = re.sub(r"^EXPORT_SYMBOL_GPL\(.*\);\n", "", text, flags=re.M)
     (tree / "lib/interval_tree_span.c").write_text(text)
     mdev = tree / "samples/vfio-mdev"
     shutil.copy(mdev / "mtty.c", mdev / "mtty_kvm.c")
-    run_step("patch mtty_kvm", ["patch", "-p1", "--no-backup-if-mismatch", "-i",
-                                str(HERE / "mtty-kvm.patch")], log, cwd=mdev)
+    run_step(
+        "patch mtty_kvm",
+        ["patch", "-p1", "--no-backup-if-mismatch", "-i", str(HERE / "mtty-kvm.patch")],
+        log,
+        cwd=mdev,
+    )
 
 
 def build_kernel(out: Path, logs: Path) -> None:
@@ -129,10 +157,20 @@ def build_kernel(out: Path, logs: Path) -> None:
     hdr = root / f"usr/src/linux-headers-{KERNEL_RELEASE}"
     say(f"building modules (vfio+cdev, iommufd, mtty, mtty_kvm) on {os.cpu_count()} cores")
     # No BTF for our modules: it would need pahole, and nothing here uses it.
-    run_step("build modules", [
-        "make", "-C", str(hdr), f"M={tree}", f"-j{os.cpu_count() or 1}",
-        "CONFIG_DEBUG_INFO_BTF_MODULES=", "modules",
-    ], log, show=r"^\s*(CC|LD) \[M\]|MODPOST")
+    run_step(
+        "build modules",
+        [
+            "make",
+            "-C",
+            str(hdr),
+            f"M={tree}",
+            f"-j{os.cpu_count() or 1}",
+            "CONFIG_DEBUG_INFO_BTF_MODULES=",
+            "modules",
+        ],
+        log,
+        show=r"^\s*(CC|LD) \[M\]|MODPOST",
+    )
     mods = work / "out/modules"
     mods.mkdir(parents=True)
     order = resolve_modules(root / f"lib/modules/{KERNEL_RELEASE}", tree)
@@ -159,8 +197,9 @@ def prepare(rebuild: bool = False) -> Rig:
     init = (HERE / "init.sh").read_text()
     init = init.replace("@MTTY_UUID@", MTTY_UUID).replace("@MTTY_KVM_UUID@", MTTY_KVM_UUID)
     bb = busybox_path()
-    bbv = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "busybox-static"],
-                         capture_output=True, text=True).stdout
+    bbv = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", "busybox-static"], capture_output=True, text=True
+    ).stdout
     initrd = cache / f"initrd-{digest(kdir.name, init, bbv)}.cpio"
     if rebuild:
         shutil.rmtree(kdir, ignore_errors=True)
@@ -177,4 +216,3 @@ def prepare(rebuild: bool = False) -> Rig:
     if time.monotonic() - t0 > 5:
         say(f"rig ready in {time.monotonic() - t0:.0f}s")
     return Rig(kdir / "vmlinuz", initrd)
-

@@ -16,8 +16,15 @@ from . import RigError
 #: Stock Debian modules the init loads (their dependencies come along).
 STOCK_MODULES = ("9p", "9pnet_virtio", "kvm_amd", "mdev")
 #: Modules the rig builds; a stock module of the same name is replaced.
-OUR_MODULES = ("vfio", "vfio_iommu_type1", "iommufd", "vfio_pci_core", "vfio_pci", "mtty",
-               "mtty_kvm")
+OUR_MODULES = (
+    "vfio",
+    "vfio_iommu_type1",
+    "iommufd",
+    "vfio_pci_core",
+    "vfio_pci",
+    "mtty",
+    "mtty_kvm",
+)
 
 
 def modname(path: str | Path) -> str:
@@ -64,10 +71,10 @@ def resolve_modules(kmod_dir: Path, built: Path) -> list[tuple[str, bytes]]:
         if name in blobs:
             return
         if name in trail:
-            raise RigError(step, f"module dependency cycle: {' -> '.join(trail + (name,))}")
+            raise RigError(step, f"module dependency cycle: {' -> '.join((*trail, name))}")
         data = load(name)
         for dep in ko_depends(data):
-            visit(dep, trail + (name,))
+            visit(dep, (*trail, name))
         blobs[name] = data
         order.append(name)
 
@@ -83,7 +90,9 @@ class Cpio:
         self.parts: list[bytes] = []
         self.ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         nm = name.encode() + b"\0"
         fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nm), 0]
         hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
@@ -115,7 +124,9 @@ class Cpio:
         return b"".join(self.parts)
 
 
-def write_initramfs(out: Path, init: bytes, busybox: Path, modules: list[tuple[str, bytes]]) -> None:
+def write_initramfs(
+    out: Path, init: bytes, busybox: Path, modules: list[tuple[str, bytes]]
+) -> None:
     """Write the initramfs to ``out`` (atomically)."""
     c = Cpio()
     for d in ("bin", "dev", "proc", "sys", "tmp", "host", "lib", "lib/modules"):

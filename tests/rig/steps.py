@@ -48,8 +48,14 @@ def run_step(
         f.flush()
         try:
             proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, errors="replace",
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
             )
         except OSError as e:
             raise RigError(step, f"cannot run {argv[0]}: {e.strerror}", log) from e
@@ -95,7 +101,8 @@ def missing_debs(names: tuple[str, ...] | list[str]) -> list[str]:
         raise RigError("host packages", "dpkg-query not found: the rig needs a Debian host")
     out = subprocess.run(
         ["dpkg-query", "-W", "-f", "${Package} ${db:Status-Abbrev}\n", *names],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     ).stdout
     ok = {ln.split()[0] for ln in out.splitlines() if ln.split()[1:2] == ["ii"]}
     return [n for n in names if n not in ok]
@@ -113,8 +120,11 @@ def ensure_host_debs(names: tuple[str, ...], log: Path) -> None:
     env = apt_env()
     run_step(step, ["apt-get", "update", "-q"], log, env=env)
     run_step(
-        step, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *miss], log,
-        env=env, show=r"^(Unpacking|Setting up) ",
+        step,
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *miss],
+        log,
+        env=env,
+        show=r"^(Unpacking|Setting up) ",
     )
 
 
@@ -148,20 +158,27 @@ def download_backports(pkgs: list[str], dest: Path, state: Path, log: Path) -> N
         f"{mirror_uri()} bookworm-backports main\n"
     )
     opts = [
-        f"-oDir::Etc::sourcelist={src}", "-oDir::Etc::sourceparts=-",
-        f"-oDir::State::Lists={state / 'lists'}", f"-oDir::Cache={state / 'cache'}",
-        "-oDir::State::status=/dev/null", "-oAPT::Sandbox::User=root",
+        f"-oDir::Etc::sourcelist={src}",
+        "-oDir::Etc::sourceparts=-",
+        f"-oDir::State::Lists={state / 'lists'}",
+        f"-oDir::Cache={state / 'cache'}",
+        "-oDir::State::status=/dev/null",
+        "-oAPT::Sandbox::User=root",
     ]
     env = apt_env()
     say("apt-get update (bookworm-backports, private state)")
     run_step(step, ["apt-get", *opts, "update", "-q"], log, env=env)
     for p in pkgs:  # one at a time, so a missing version is named exactly
         name, ver = p.split("=", 1)
-        q = subprocess.run(["apt-cache", *opts, "madison", name], capture_output=True,
-                           text=True, env=env).stdout
+        q = subprocess.run(
+            ["apt-cache", *opts, "madison", name], capture_output=True, text=True, env=env
+        ).stdout
         if f"| {ver} |" not in q:
-            raise RigError(step, f"{p} is not on the mirror (bookworm-backports); "
-                           "set PYVMM_RIG_KERNEL_DEB_VERSION/_ABI to one it has", log)
+            raise RigError(
+                step,
+                f"{p} is not on the mirror (bookworm-backports); "
+                "set PYVMM_RIG_KERNEL_DEB_VERSION/_ABI to one it has",
+                log,
+            )
     say(f"downloading {len(pkgs)} packages (~280 MB)")
-    run_step(step, ["apt-get", *opts, "download", *pkgs], log, cwd=dest, env=env,
-             show=r"^Get:")
+    run_step(step, ["apt-get", *opts, "download", *pkgs], log, cwd=dest, env=env, show=r"^Get:")
