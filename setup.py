@@ -23,6 +23,7 @@ class BuildExtAndGuests(build_ext):
     """build_ext that also compiles the test guests into the package."""
 
     def run(self) -> None:
+        """Build the extension, then the guests next to it."""
         super().run()
         package_dir = ROOT / "pyvmm" if self.inplace else Path(self.build_lib) / "pyvmm"
         out = (package_dir / "guest_images").resolve()

@@ -55,7 +55,9 @@ class Bus:
         self._table: Any = None
         self._bus: Any = None
 
-    def add(self, base: int, length: int, handler: NativeHandler | PythonHandler, name: str = "") -> None:
+    def add(
+        self, base: int, length: int, handler: NativeHandler | PythonHandler, name: str = ""
+    ) -> None:
         """Claim [base, base + length) for handler; raises if it overlaps a claimed range."""
         name = name or getattr(handler, "__qualname__", type(handler).__name__)
         if length <= 0 or base < 0 or base + length > self.size:

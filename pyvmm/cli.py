@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[mode.value for mode in CpuMode],
         help="CPU mode at entry (default: long for ELF64, protected for ELF32)",
     )
+    run.add_argument("--kvm-device", default="/dev/kvm", help="KVM device node (default /dev/kvm)")
     run.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
     run.add_argument(
         "--fail-on-unclaimed",
@@ -73,19 +74,21 @@ def run_command(args: argparse.Namespace) -> int:
         serial=args.serial,
         irqchip=args.irqchip,
         fail_on_unclaimed=args.fail_on_unclaimed,
+        kvm_path=args.kvm_device,
     ) as machine:
         machine.load(guest_path(args.guest), args.mode)
         if args.serial == "stdio" and _is_open(0):
             machine.serial.start_input(0)
         result = machine.run(timeout=args.timeout)
     sys.stdout.flush()
-    for space, record in (("port", result.unclaimed_pio), ("MMIO", result.unclaimed_mmio)):
-        if record.count:
-            print(f"pyvmm: warning: {record.describe(space)}", file=sys.stderr)
     if result.outcome not in ("exit", "halted"):
         print(f"pyvmm: {result.message}", file=sys.stderr)
         if result.registers:
             print(result.registers, file=sys.stderr)
+    if result.outcome != "unclaimed":
+        for space, record in (("port", result.unclaimed_pio), ("MMIO", result.unclaimed_mmio)):
+            if record.count:
+                print(f"pyvmm: warning: {record.describe(space)}", file=sys.stderr)
     return result.exit_status & 0xFF
 
 

@@ -67,13 +67,18 @@ class Kvm(_FileHandle):
             ) from None
         except PermissionError:
             raise KvmUnavailableError(
-                f"permission denied opening {path}: add your user to the 'kvm' group "
-                "or run as root"
+                f"permission denied opening {path}: add your user to the 'kvm' group or run as root"
             ) from None
         except OSError as error:
             raise KvmUnavailableError(f"cannot open {path}: {error.strerror}") from None
         super().__init__(fd)
-        version = self.api_version()
+        try:
+            version = self.api_version()
+        except KvmIoctlError:
+            self.close()
+            raise KvmUnavailableError(
+                f"{path} is not a KVM device (KVM_GET_API_VERSION failed): point at /dev/kvm"
+            ) from None
         if version != lib.KVM_API_VERSION:
             self.close()
             raise KvmUnavailableError(
@@ -161,9 +166,7 @@ class Vm(_FileHandle):
     def set_gsi_routing(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """Replace the GSI routing table; each entry is a struct kvm_irq_routing_entry dict."""
         entries = list(entries)
-        routing = ffi.new(
-            "struct kvm_irq_routing *", {"nr": len(entries), "entries": len(entries)}
-        )
+        routing = ffi.new("struct kvm_irq_routing *", {"nr": len(entries), "entries": len(entries)})
         for index, entry in enumerate(entries):
             target = routing.entries[index]
             target.gsi = entry["gsi"]

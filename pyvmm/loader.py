@@ -6,14 +6,15 @@ GuestImageError whose one line names the file, the problem and the fix.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from pyvmm.memory import MIB, GuestMemory
 from pyvmm.errors import GuestImageError
+from pyvmm.memory import MIB, GuestMemory
 
 #: Lowest address of a segment in long or protected mode: below lie the VMM's boot tables.
 PROTECTED_LOAD_MIN = MIB
@@ -59,7 +60,8 @@ def _open_elf(path: Path, file) -> ELFFile:
         )
     if elf["e_type"] != "ET_EXEC":
         raise GuestImageError(
-            f"{path} is {elf['e_type']}, not an executable: link it static and non-PIE (-static -no-pie)"
+            f"{path} is {elf['e_type']}, not an executable: "
+            "link it static and non-PIE (-static -no-pie)"
         )
     return elf
 
@@ -80,7 +82,8 @@ def _segments(path: Path, elf: ELFFile, file_size: int) -> list[tuple[Segment, i
                 )
             if offset + segment.file_size > file_size:
                 raise GuestImageError(
-                    f"{path} is truncated: a segment needs bytes up to {offset + segment.file_size:#x} "
+                    f"{path} is truncated: a segment needs bytes up to "
+                    f"{offset + segment.file_size:#x} "
                     f"but the file has {file_size:#x}: rebuild or re-copy it"
                 )
             found.append((segment, offset))
@@ -91,20 +94,24 @@ def _segments(path: Path, elf: ELFFile, file_size: int) -> list[tuple[Segment, i
     return found
 
 
-def _check_placement(path: Path, memory: GuestMemory, segments: list[Segment], real_mode: bool) -> None:
+def _check_placement(
+    path: Path, memory: GuestMemory, segments: list[Segment], real_mode: bool
+) -> None:
     low, high = REAL_MODE_LOAD_RANGE if real_mode else (PROTECTED_LOAD_MIN, memory.top)
     for segment in segments:
         start, end = segment.guest_phys_addr, segment.guest_phys_addr + segment.memory_size
         if start < low or end > high or not memory.contains(start, segment.memory_size):
-            where = "conventional memory [0x500, 0xa0000)" if real_mode else (
-                f"guest RAM above 1 MiB (RAM ends at {memory.top:#x})"
+            where = (
+                "conventional memory [0x500, 0xa0000)"
+                if real_mode
+                else (f"guest RAM above 1 MiB (RAM ends at {memory.top:#x})")
             )
             raise GuestImageError(
                 f"{path}: segment [{start:#x}, {end:#x}) lies outside {where}: "
                 "relink the guest or give it more --memory"
             )
     ordered = sorted(segments, key=lambda s: s.guest_phys_addr)
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         if before.guest_phys_addr + before.memory_size > after.guest_phys_addr:
             raise GuestImageError(
                 f"{path}: segments at {before.guest_phys_addr:#x} and {after.guest_phys_addr:#x} "
@@ -128,7 +135,9 @@ def load_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) 
         segments = [segment for segment, _ in placed]
         _check_placement(path, memory, segments, real_mode)
         entry = elf["e_entry"]
-        if not any(s.guest_phys_addr <= entry < s.guest_phys_addr + s.memory_size for s in segments):
+        if not any(
+            s.guest_phys_addr <= entry < s.guest_phys_addr + s.memory_size for s in segments
+        ):
             raise GuestImageError(f"{path}: entry point {entry:#x} is outside every loaded segment")
         for segment, offset in placed:
             memory.load_from_file(file, offset, segment.guest_phys_addr, segment.file_size)

@@ -250,7 +250,12 @@ class _Run:
             outcome, status, vcpu = "timeout", ExitStatus.TIMEOUT, None
             message = f"guest still running after the {self.timeout:g} s timeout"
         else:
-            outcome, status, message, vcpu = "halted", 0, "every vCPU halted with interrupts off", None
+            outcome, status, message, vcpu = (
+                "halted",
+                0,
+                "every vCPU halted with interrupts off",
+                None,
+            )
         failed = status != 0 and outcome != "exit"
         dump_from = [machine.vcpus[vcpu]] if vcpu is not None else machine.vcpus
         result = RunResult(
@@ -276,8 +281,9 @@ class _Run:
     def _raise_handler_error(runner: VcpuRunner) -> None:
         error = runner.exception
         runner.exception = None
-        error.add_note(f"raised by the handler of {runner.access_range_name()} "
-                       f"on vCPU {runner.vcpu.index}")
+        error.add_note(
+            f"raised by the handler of {runner.access_range_name()} on vCPU {runner.vcpu.index}"
+        )
         raise error
 
 

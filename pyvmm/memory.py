@@ -103,7 +103,9 @@ class GuestMemory:
         """Whether [addr, addr + length) is RAM, within a single region."""
         return length >= 0 and self.region_of(guest_phys_addr, length) is not None
 
-    def view(self, guest_phys_addr: int, length: int, dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    def view(
+        self, guest_phys_addr: int, length: int, dtype: np.dtype | type = np.uint8
+    ) -> np.ndarray:
         """A writable zero-copy view of guest RAM as an array of dtype."""
         itemsize = np.dtype(dtype).itemsize
         region = self.region_of(guest_phys_addr, length)
@@ -129,7 +131,9 @@ class GuestMemory:
         """Set a range of guest RAM to one byte value (e.g. zero a BSS)."""
         self.view(guest_phys_addr, length)[:] = value
 
-    def load_from_file(self, file: BinaryIO, file_offset: int, guest_phys_addr: int, length: int) -> None:
+    def load_from_file(
+        self, file: BinaryIO, file_offset: int, guest_phys_addr: int, length: int
+    ) -> None:
         """Read length bytes of file straight into guest RAM (no intermediate bytes object)."""
         target = memoryview(self.view(guest_phys_addr, length))
         file.seek(file_offset)
@@ -137,7 +141,9 @@ class GuestMemory:
         while done < length:
             count = file.readinto(target[done:])
             if not count:
-                raise EOFError(f"file ends {length - done} bytes short of {length} at {file_offset:#x}")
+                raise EOFError(
+                    f"file ends {length - done} bytes short of {length} at {file_offset:#x}"
+                )
             done += count
 
     def close(self) -> None:

@@ -83,20 +83,28 @@ def describe_stop(runner: VcpuRunner, stop: VcpuStop) -> tuple[str, int, str]:
     if stop is VcpuStop.HALTED:
         return "halted", 0, "every vCPU halted with interrupts off"
     if stop is VcpuStop.HALTED_IF:
-        return "halted-forever", ExitStatus.HALTED_FOREVER, (
-            f"vCPU {index} halted with interrupts on, but nothing can wake it "
-            "(no in-kernel irqchip): end the guest with cli; hlt or a debug exit"
+        return (
+            "halted-forever",
+            ExitStatus.HALTED_FOREVER,
+            (
+                f"vCPU {index} halted with interrupts on, but nothing can wake it "
+                "(no in-kernel irqchip): end the guest with cli; hlt or a debug exit"
+            ),
         )
     if stop is VcpuStop.SHUTDOWN:
         return "triple-fault", ExitStatus.TRIPLE_FAULT, f"vCPU {index} triple-faulted"
     if stop is VcpuStop.FAIL_ENTRY:
         reason = loop.run.fail_entry.hardware_entry_failure_reason
-        return "internal-error", ExitStatus.INTERNAL_ERROR, (
-            f"KVM could not enter vCPU {index}: hardware entry failure reason {reason:#x}"
+        return (
+            "internal-error",
+            ExitStatus.INTERNAL_ERROR,
+            (f"KVM could not enter vCPU {index}: hardware entry failure reason {reason:#x}"),
         )
     if stop is VcpuStop.INTERNAL_ERROR:
-        return "internal-error", ExitStatus.INTERNAL_ERROR, (
-            f"KVM internal error on vCPU {index}: {_internal_error(loop)}"
+        return (
+            "internal-error",
+            ExitStatus.INTERNAL_ERROR,
+            (f"KVM internal error on vCPU {index}: {_internal_error(loop)}"),
         )
     if stop is VcpuStop.SYSTEM_EVENT:
         names = {
@@ -109,26 +117,36 @@ def describe_stop(runner: VcpuRunner, stop: VcpuStop) -> tuple[str, int, str]:
     if stop is VcpuStop.UNCLAIMED:
         pio, mmio = loop.unclaimed_pio, loop.unclaimed_mmio
         # The access that stopped the loop is the most recent one of either kind.
-        space, record = ("MMIO", mmio) if loop.run.exit_reason == lib.KVM_EXIT_MMIO else (
-            "port", pio
+        space, record = (
+            ("MMIO", mmio) if loop.run.exit_reason == lib.KVM_EXIT_MMIO else ("port", pio)
         )
         kind = "write" if record.last_is_write else "read"
-        return "unclaimed", ExitStatus.UNCLAIMED_ACCESS, (
-            f"vCPU {index}: unclaimed {space} {kind} of {record.last_size} bytes at "
-            f"{record.last_address:#x} (--fail-on-unclaimed)"
+        return (
+            "unclaimed",
+            ExitStatus.UNCLAIMED_ACCESS,
+            (
+                f"vCPU {index}: unclaimed {space} {kind} of {record.last_size} bytes at "
+                f"{record.last_address:#x} (--fail-on-unclaimed)"
+            ),
         )
     if stop is VcpuStop.UNHANDLED_EXIT:
-        return "internal-error", ExitStatus.INTERNAL_ERROR, (
-            f"vCPU {index}: KVM exit reason {loop.run.exit_reason} is not handled by pyvmm"
+        return (
+            "internal-error",
+            ExitStatus.INTERNAL_ERROR,
+            (f"vCPU {index}: KVM exit reason {loop.run.exit_reason} is not handled by pyvmm"),
         )
     if stop is VcpuStop.ERROR:
         name = errno.errorcode.get(loop.error, str(loop.error))
         if loop.error_in_device:
-            return "device-error", ExitStatus.DEVICE_ERROR, (
-                f"vCPU {index}: forwarded access failed: {name}: {os.strerror(loop.error)}"
+            return (
+                "device-error",
+                ExitStatus.DEVICE_ERROR,
+                (f"vCPU {index}: forwarded access failed: {name}: {os.strerror(loop.error)}"),
             )
-        return "internal-error", ExitStatus.INTERNAL_ERROR, (
-            f"KVM_RUN failed on vCPU {index}: {name}: {os.strerror(loop.error)}"
+        return (
+            "internal-error",
+            ExitStatus.INTERNAL_ERROR,
+            (f"KVM_RUN failed on vCPU {index}: {name}: {os.strerror(loop.error)}"),
         )
     return "interrupted", ExitStatus.SIGNALLED, f"vCPU {index} was stopped"
 
@@ -153,7 +171,8 @@ def register_dump(vcpu: Vcpu) -> str:
             row("r14", "r15"),
             row("cr0", "cr2", "cr3", "cr4", source=sregs),
             row("efer", source=sregs)
-            + f" cs={sregs.cs.selector:#06x} base={sregs.cs.base:#x} l={sregs.cs.l} db={sregs.cs.db}"
+            + f" cs={sregs.cs.selector:#06x} base={sregs.cs.base:#x}"
+            + f" l={sregs.cs.l} db={sregs.cs.db}"
             + f" ss={sregs.ss.selector:#06x} gdt={sregs.gdt.base:#x}/{sregs.gdt.limit:#x}"
             + f" idt={sregs.idt.base:#x}/{sregs.idt.limit:#x}",
         ]

@@ -70,7 +70,9 @@ def write_boot_tables(memory: GuestMemory, mode: CpuMode) -> None:
     )
 
 
-def _segment(segment: Cdata, selector: int, base: int, limit: int, type_: int, **flags: int) -> None:
+def _segment(
+    segment: Cdata, selector: int, base: int, limit: int, type_: int, **flags: int
+) -> None:
     segment.selector = selector
     segment.base = base
     segment.limit = limit
@@ -79,7 +81,7 @@ def _segment(segment: Cdata, selector: int, base: int, limit: int, type_: int, *
     segment.dpl = 0
     segment.s = 1
     segment.db = flags.get("db", 0)
-    segment.l = flags.get("l", 0)  # noqa: E741 - the kernel's field name
+    segment.l = flags.get("l", 0)
     segment.g = flags.get("g", 0)
     segment.avl = 0
     segment.unusable = 0

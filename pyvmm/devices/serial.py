@@ -35,7 +35,9 @@ def open_output(spec: str | int) -> tuple[int, bool]:
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
             return os.open(path, flags, 0o644), True
         except OSError as error:
-            raise ConfigurationError(f"cannot open serial output {path}: {error.strerror}") from None
+            raise ConfigurationError(
+                f"cannot open serial output {path}: {error.strerror}"
+            ) from None
     raise ConfigurationError(f"bad serial output {spec!r}: use stdio, file:PATH, capture or none")
 
 

@@ -1,0 +1,50 @@
+"""Bus registration: overlap checks and the compiled table (pure logic, no KVM)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvmm._native import lib
+from pyvmm.bus import Bus
+from pyvmm.errors import ConfigurationError
+
+
+def handler(offset: int, data: memoryview, is_write: bool) -> None:
+    pass
+
+
+def test_ranges_sorted_and_compiled():
+    bus = Bus("port I/O", 1 << 16)
+    bus.add(0x3F8, 8, handler, "uart")
+    bus.add(0x70, 2, handler, "rtc")
+    bus.add_fd(0x100, 0x10, fd=7, fd_offset=0x40)
+    table = bus.compile()
+    assert table.count == 3
+    assert [table.ranges[i].base for i in range(3)] == [0x70, 0x100, 0x3F8]
+    assert table.ranges[1].kind == lib.PYVMM_HANDLER_FD
+    assert (table.ranges[1].fd, table.ranges[1].fd_offset) == (7, 0x40)
+    assert table.ranges[0].kind == lib.PYVMM_HANDLER_PYTHON
+    assert bus.python_handlers() == [handler, None, handler]
+    assert bus.find(0x3FF).name == "uart" and bus.find(0x400) is None
+
+
+@pytest.mark.parametrize(("base", "length"), [(0x3F8, 1), (0x3F0, 9), (0x3FF, 4), (0x3F0, 0x20)])
+def test_overlaps_are_refused(base, length):
+    bus = Bus("port I/O", 1 << 16)
+    bus.add(0x3F8, 8, handler, "uart")
+    with pytest.raises(ConfigurationError, match="overlaps uart"):
+        bus.add(base, length, handler, "new")
+
+
+def test_adjacent_ranges_are_fine():
+    bus = Bus("MMIO", 1 << 52)
+    bus.add(0x1000, 0x1000, handler, "a")
+    bus.add(0x2000, 0x1000, handler, "b")
+    bus.add(0x0, 0x1000, handler, "c")
+    assert [r.name for r in bus.ranges] == ["c", "a", "b"]
+
+
+@pytest.mark.parametrize(("base", "length"), [(0xFFFF, 2), (-1, 1), (0, 0)])
+def test_out_of_bus_ranges_are_refused(base, length):
+    with pytest.raises(ConfigurationError, match="outside the bus"):
+        Bus("port I/O", 1 << 16).add(base, length, handler)

@@ -1,0 +1,149 @@
+"""The pyvmm command: the default guest, and every failure mode with its line and status."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyvmm import ExitStatus, guest_path
+
+pytestmark = pytest.mark.usefixtures("kvm_required")
+
+
+def assert_one_line_error(completed: subprocess.CompletedProcess, status: int, text: str) -> None:
+    assert completed.returncode == status, completed.stderr
+    assert "Traceback" not in completed.stderr
+    first = completed.stderr.splitlines()[0]
+    assert first.startswith("pyvmm: ") and text in first, completed.stderr
+
+
+def test_default_guest_is_hello(pyvmm_cli):
+    completed = pyvmm_cli("run")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "Hello from a pyvmm guest!\n"
+    assert completed.stderr == ""
+
+
+def test_guest_exit_status_passes_through(pyvmm_cli):
+    completed = pyvmm_cli("run", "unclaimed_mmio")
+    assert completed.returncode == 5
+    assert "warning: 2 unclaimed MMIO accesses" in completed.stderr
+
+
+def test_serial_to_file(pyvmm_cli, tmp_path):
+    out = tmp_path / "serial.log"
+    completed = pyvmm_cli("run", "smp", "--cpus", "2", "--serial", f"file:{out}")
+    assert completed.returncode == 0 and completed.stdout == ""
+    assert out.read_text().splitlines()[-1] == "all 2 cpus reported"
+
+
+def test_missing_image(pyvmm_cli, tmp_path):
+    completed = pyvmm_cli("run", str(tmp_path / "nope.elf"))
+    assert_one_line_error(completed, ExitStatus.BAD_IMAGE, "not found")
+    assert len(completed.stderr.splitlines()) == 1
+
+
+def malformed_images(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    hello = guest_path("hello").read_bytes()
+    foreign = bytearray(hello)
+    foreign[18:20] = (183).to_bytes(2, "little")  # e_machine = EM_AARCH64
+    bad_phoff = bytearray(hello)
+    bad_phoff[32:40] = (1 << 40).to_bytes(8, "little")  # program headers far past EOF
+    cases = {
+        "garbage": (b"this is not an ELF file at all" * 10, "not an ELF file"),
+        "truncated": (hello[:600], "truncated"),
+        "header-only": (hello[:20], "malformed"),
+        "foreign": (bytes(foreign), "EM_AARCH64, not x86"),
+        "bad-phoff": (bytes(bad_phoff), "malformed"),
+    }
+    images = {}
+    for name, (data, text) in cases.items():
+        path = tmp_path / f"{name}.elf"
+        path.write_bytes(data)
+        images[name] = (path, text)
+    return images
+
+
+@pytest.mark.parametrize("case", ["garbage", "truncated", "header-only", "foreign", "bad-phoff"])
+def test_malformed_images(pyvmm_cli, tmp_path, case):
+    path, text = malformed_images(tmp_path)[case]
+    completed = pyvmm_cli("run", str(path))
+    assert_one_line_error(completed, ExitStatus.BAD_IMAGE, text)
+    assert len(completed.stderr.splitlines()) == 1
+
+
+def test_image_too_big_for_memory(pyvmm_cli):
+    completed = pyvmm_cli("run", "hello", "--memory", "2M")
+    assert_one_line_error(completed, ExitStatus.BAD_IMAGE, "give it more --memory")
+
+
+def test_missing_kvm(pyvmm_cli, tmp_path):
+    completed = pyvmm_cli("run", "--kvm-device", str(tmp_path / "kvm"))
+    assert_one_line_error(completed, ExitStatus.NO_KVM, "does not exist")
+
+
+def test_kvm_not_permitted(pyvmm_cli):
+    # Root may open almost anything; a read-only sysctl is refused with EACCES even to root.
+    completed = pyvmm_cli("run", "--kvm-device", "/proc/sys/kernel/osrelease")
+    assert_one_line_error(completed, ExitStatus.NO_KVM, "permission denied")
+
+
+def test_kvm_device_that_is_not_kvm(pyvmm_cli):
+    completed = pyvmm_cli("run", "--kvm-device", "/dev/null")
+    assert_one_line_error(completed, ExitStatus.NO_KVM, "/dev/null")
+
+
+def test_triple_fault(pyvmm_cli):
+    completed = pyvmm_cli("run", "triple_fault")
+    assert_one_line_error(completed, ExitStatus.TRIPLE_FAULT, "vCPU 0 triple-faulted")
+    assert "rip=" in completed.stderr
+    assert completed.stdout == "about to triple-fault\n"
+
+
+def test_unclaimed_mmio_fatal(pyvmm_cli):
+    completed = pyvmm_cli("run", "unclaimed_mmio", "--fail-on-unclaimed")
+    assert_one_line_error(completed, ExitStatus.UNCLAIMED_ACCESS, "unclaimed MMIO read")
+
+
+def test_timeout(pyvmm_cli):
+    completed = pyvmm_cli("run", "spin", "--timeout", "0.5")
+    assert_one_line_error(completed, ExitStatus.TIMEOUT, "after the 0.5 s timeout")
+    assert completed.stdout == "spinning\n"
+
+
+def test_halted_forever(pyvmm_cli):
+    completed = pyvmm_cli("run", "wait_irq")
+    assert_one_line_error(completed, ExitStatus.HALTED_FOREVER, "nothing can wake it")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--memory", "lots"), ("--cpus", "0"), ("--serial", "tcp:1234"), ("--memory", "100")],
+)
+def test_bad_configuration(pyvmm_cli, args):
+    completed = pyvmm_cli("run", *args)
+    assert_one_line_error(completed, ExitStatus.USAGE, "")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_guest(signum):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "spin", "--cpus", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline() == "spinning\n"
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == ExitStatus.SIGNALLED, stderr
+    assert stderr.splitlines()[0] == f"pyvmm: stopped by {signal.Signals(signum).name}"
+    assert "Traceback" not in stderr
