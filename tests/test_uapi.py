@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyvmm._native import ffi, lib
 
 import pyvmm
+from pyvmm._native import ffi, lib
 
 UAPI_H = Path(pyvmm.__file__).resolve().parent / "csrc" / "kvm_uapi.h"
 _DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Z0-9_]*)[ \t]+\S", re.MULTILINE)
