@@ -19,12 +19,14 @@ def pyvmm_cli():
     """Run the pyvmm command in a subprocess: cli(*args, timeout=60) -> CompletedProcess."""
 
     def run(*args: str, timeout: float = 60, **options) -> subprocess.CompletedProcess:
+        options.setdefault("stdin", subprocess.DEVNULL)
+        if options.get("input") is not None or options["stdin"] is None:
+            options.pop("stdin")
         return subprocess.run(
             [sys.executable, "-m", "pyvmm", *args],
             capture_output=True,
             text=True,
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
             **options,
         )
 

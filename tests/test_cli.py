@@ -41,6 +41,20 @@ def test_serial_to_file(pyvmm_cli, tmp_path):
     assert out.read_text().splitlines()[-1] == "all 2 cpus reported"
 
 
+def test_serial_input_from_stdin(pyvmm_cli):
+    completed = pyvmm_cli("run", "echo", "--timeout", "60", input="ping\n", stdin=None)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "type a line\ngot: ping\n"
+
+
+def test_internal_error(pyvmm_cli):
+    completed = pyvmm_cli("run", "bad_fetch")
+    assert_one_line_error(
+        completed, ExitStatus.INTERNAL_ERROR, "KVM internal error on vCPU 0: instruction emulation"
+    )
+    assert "rip=0x00000000e0000000" in completed.stderr
+
+
 def test_missing_image(pyvmm_cli, tmp_path):
     completed = pyvmm_cli("run", str(tmp_path / "nope.elf"))
     assert_one_line_error(completed, ExitStatus.BAD_IMAGE, "not found")

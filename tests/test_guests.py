@@ -125,6 +125,22 @@ def test_smp_every_vcpu_reports(run_guest, cpus):
     assert lines[-1] == f"all {cpus} cpus reported"
 
 
+def test_mtrr_default_type_is_write_back_on_every_vcpu(kvm_required):
+    # Once DMA is non-coherent KVM honours guest MTRRs; the reset value would mean uncached.
+    with Machine(serial="capture", cpus=3) as machine:
+        machine.load(guest_path("smp"))
+        assert machine.run(timeout=60).exit_status == 0
+        assert [v.get_msrs([0x2FF]) for v in machine.vcpus] == [{0x2FF: 0xC06}] * 3
+
+
+def test_serial_input(kvm_required):
+    with Machine(serial="capture") as machine:
+        machine.load(guest_path("echo"))
+        machine.serial.push_input(b"hello, guest\n")
+        result = machine.run(timeout=60)
+    assert result.serial_text == "type a line\ngot: hello, guest\n"
+
+
 def test_triple_fault(run_guest):
     result = run_guest("triple_fault")
     assert result.outcome == "triple-fault"
