@@ -16,6 +16,7 @@ Cache layout (under cache_root()):
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -186,11 +187,17 @@ def prepare(rebuild: bool = False) -> Rig:
     """Make sure the rig is built and cached; return its boot artefacts.
 
     With ``rebuild`` the cached kernel build and initramfs are thrown away
-    first (downloads are kept).
+    first (downloads are kept). A lock file serialises concurrent prepares.
     """
     cache = cache_root()
     logs = cache / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    with open(cache / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare(cache, logs, rebuild)
+
+
+def _prepare(cache: Path, logs: Path, rebuild: bool) -> Rig:
     t0 = time.monotonic()
     ensure_host_debs(HOST_PACKAGES, logs / "host-packages.log")
     kdir = cache / f"kernel-{kernel_key()}"
@@ -205,7 +212,7 @@ def prepare(rebuild: bool = False) -> Rig:
         shutil.rmtree(kdir, ignore_errors=True)
         initrd.unlink(missing_ok=True)
     if not (kdir / "vmlinuz").exists():
-        say(f"building the inner kernel's modules into {kdir} (cold cache: about 2 minutes)")
+        say(f"building the inner kernel's modules into {kdir} (cold cache: about a minute)")
         build_kernel(kdir, logs)
     if not initrd.exists():
         if not bb.exists():
@@ -213,6 +220,13 @@ def prepare(rebuild: bool = False) -> Rig:
         md = kdir / "modules"
         mods = [(n, (md / f"{n}.ko").read_bytes()) for n in (md / "order").read_text().split()]
         write_initramfs(initrd, init.encode(), bb, mods)
+    # Drop builds for other inputs, so the cache holds one rig (plus downloads).
+    for old in [*cache.glob("kernel-*"), *cache.glob("initrd-*")]:
+        if old not in (kdir, initrd):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
     if time.monotonic() - t0 > 5:
         say(f"rig ready in {time.monotonic() - t0:.0f}s")
     return Rig(kdir / "vmlinuz", initrd)
