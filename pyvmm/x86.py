@@ -11,6 +11,7 @@ import enum
 import numpy as np
 
 from pyvmm._native import ffi
+from pyvmm.errors import ConfigurationError
 from pyvmm.kvm import Cdata, Vcpu
 from pyvmm.memory import GIB, GuestMemory
 
@@ -60,7 +61,10 @@ def write_boot_tables(memory: GuestMemory, mode: CpuMode) -> None:
         return
     gigabytes = max(4 * GIB, memory.top + GIB - 1) // GIB
     if PD_ADDRESS + gigabytes * 4096 > PAGE_TABLES_END:
-        raise ValueError(f"{gigabytes} GiB of guest-physical space is more than pyvmm maps")
+        raise ConfigurationError(
+            f"{gigabytes} GiB of guest-physical space is more than pyvmm's boot page tables "
+            "map: use at most 150G of --memory"
+        )
     memory.view(PML4_ADDRESS, 8, np.uint64)[0] = PDPT_ADDRESS | PAGE_PRESENT | PAGE_WRITE
     directories = PD_ADDRESS + 4096 * np.arange(gigabytes, dtype=np.uint64)
     memory.view(PDPT_ADDRESS, 8 * gigabytes, np.uint64)[:] = directories | PAGE_PRESENT | PAGE_WRITE
