@@ -6,12 +6,14 @@ The guest (guests/exits.S) reads N from port 0x518 and a mode from port 0x51C, t
 port writes (outl to 0x510, mode 1) or N MMIO writes (to 0xD0002000, mode 2), then powers off:
 3 + N exits in all. Each exit kind is served three ways:
 
-- native: pyvmm, the ranges forwarded to memfds, so the C run loop serves every exit
-  (pread/pwrite) without entering Python;
+- native: pyvmm, the ranges backed by host buffers (pio_buffer / mmio_buffer), so the C run
+  loop serves every exit with a memcpy, without entering Python;
+- native_fd: pyvmm, the ranges forwarded to memfds (forward_pio / forward_mmio), served in
+  the C loop by pread/pwrite: the path trapped VFIO BAR access takes;
 - python: pyvmm, the ranges served by minimal Python handlers (add_pio / add_mmio);
 - c: bench/reference_vmm.c, a bare KVM_RUN loop compiled here with gcc on every run;
-- c_fd: the same C VMM serving the ranges by pread/pwrite on memfds, as pyvmm's native loop
-  does, so native - c_fd is pyvmm's own overhead and c_fd - c the cost of the syscalls.
+- c_fd: the same C VMM serving the ranges by pread/pwrite on memfds, as pyvmm's native_fd
+  path does, so native_fd - c_fd is pyvmm's own overhead there and c_fd - c the syscalls.
 
 Cost per exit = (best time at N - best time at N = 0) / N over R interleaved repeats (or the
 medians, --stat median), so VM creation, the first KVM_RUN and teardown cancel out. Best is
@@ -49,7 +51,7 @@ PIO_BASE, PIO_LENGTH = 0x510, 16  # 0x510: the outl target; 0x518: N; 0x51C: mod
 MMIO_BASE, MMIO_LENGTH = 0xD0002000, 0x1000
 N_OFFSET, MODE_OFFSET = 8, 12  # of ports 0x518 and 0x51C in the 0x510 range
 MODES = {"pio": 1, "mmio": 2}
-METHODS = ("c", "c_fd", "native", "python")
+METHODS = ("c", "c_fd", "native", "native_fd", "python")
 GOAL_NATIVE_US = 0.3  # the issue's goal: native within 0.3 us of C per exit
 GOAL_PYTHON_US = 1.5  # and Python handlers within 1.5 us
 RUN_TIMEOUT_S = 120.0
@@ -188,8 +190,8 @@ def mmio_handler(offset: int, data: memoryview, is_write: bool) -> None:
         data[:] = bytes(len(data))
 
 
-def run_pyvmm(elf: Path, n: int, mode: int, native: bool) -> Sample:
-    """Run the guest once in a fresh pyvmm Machine, natively served or by Python handlers."""
+def run_pyvmm(elf: Path, n: int, mode: int, how: str) -> Sample:
+    """Run the guest once in a fresh pyvmm Machine: how is native, native_fd or python."""
     from pyvmm.machine import Machine
 
     registers = bytes(N_OFFSET) + struct.pack("<II", n, mode)
@@ -199,7 +201,10 @@ def run_pyvmm(elf: Path, n: int, mode: int, native: bool) -> Sample:
         Machine(memory="8M", serial="capture") as machine,
     ):
         machine.load(elf)
-        if native:
+        if how == "native":
+            machine.pio_buffer(PIO_BASE, PIO_LENGTH)[:] = memoryview(registers)
+            machine.mmio_buffer(MMIO_BASE, MMIO_LENGTH)
+        elif how == "native_fd":
             machine.forward_pio(PIO_BASE, PIO_LENGTH, pio_fd)
             machine.forward_mmio(MMIO_BASE, MMIO_LENGTH, mmio_fd)
         else:
@@ -211,10 +216,11 @@ def run_pyvmm(elf: Path, n: int, mode: int, native: bool) -> Sample:
     want = expected_exits(n, mode)
     if result.outcome != "exit" or result.exit_status != 0 or result.exits != want:
         raise BenchmarkError(
-            f"pyvmm ({'native' if native else 'python'}, N={n}, mode={mode}): "
+            f"pyvmm ({how}, N={n}, mode={mode}): "
             f"{result.message}; {result.exits} exits, expected a power-off after {want}"
         )
-    want_python = 0 if native else want - 1  # every exit but the power-off goes to Python
+    # Every exit but the power-off goes to Python, or none does.
+    want_python = want - 1 if how == "python" else 0
     if result.python_exits != want_python:
         raise BenchmarkError(
             f"pyvmm N={n} mode={mode}: {result.python_exits} Python exits, expected {want_python}"
@@ -226,7 +232,10 @@ def run_reference(executable: Path, image: Path, n: int, mode: int, fd: bool = F
     """Run the guest once under the C reference VMM; it reports its own timing."""
     done = subprocess.run(
         [str(executable), str(image), str(n), str(mode), *(["fd"] if fd else [])],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
     )
     if done.returncode != 0:
         raise BenchmarkError(f"reference VMM N={n} mode={mode}: {done.stderr.strip()}")
@@ -249,6 +258,7 @@ class Cell:
 
     def per_exit_us(self, n: int, stat: str = "best", wall: bool = False) -> float:
         """(stat at N - stat at 0) / N in microseconds; stat is 'best' (minimum) or 'median'."""
+
         def pick(s: Sample) -> float:
             return s.wall if wall else s.elapsed
 
@@ -269,8 +279,9 @@ def measure(
 ) -> dict[tuple[str, str], Cell]:
     """Run every method on every exit kind repeat times, interleaved; returns the samples."""
     runners: dict[str, Callable[[int, int], Sample]] = {
-        "native": lambda n_, mode: run_pyvmm(elf, n_, mode, native=True),
-        "python": lambda n_, mode: run_pyvmm(elf, n_, mode, native=False),
+        "native": lambda n_, mode: run_pyvmm(elf, n_, mode, "native"),
+        "native_fd": lambda n_, mode: run_pyvmm(elf, n_, mode, "native_fd"),
+        "python": lambda n_, mode: run_pyvmm(elf, n_, mode, "python"),
     }
     if reference is not None:
         runners["c"] = lambda n_, mode: run_reference(reference, image, n_, mode)
@@ -283,7 +294,7 @@ def measure(
     methods = [m for m in METHODS if m in runners]
     for round_ in range(repeat):
         # Rotate the order each round so no method always runs first (or last).
-        order = methods[round_ % len(methods):] + methods[: round_ % len(methods)]
+        order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]
         for kind, mode in MODES.items():
             for method in order:
                 cell = cells[method, kind]
@@ -308,8 +319,15 @@ def per_exit_table(
     return us
 
 
-def report(cells: dict[tuple[str, str], Cell], n: int, repeat: int, stat: str, machine: str,
-           load: str, seconds: float) -> dict[str, object]:
+def report(
+    cells: dict[tuple[str, str], Cell],
+    n: int,
+    repeat: int,
+    stat: str,
+    machine: str,
+    load: str,
+    seconds: float,
+) -> dict[str, object]:
     """Print the table and return the JSON summary."""
     other_stat = "median" if stat == "best" else "best"
     short = {"best": "min", "median": "med"}[other_stat]
@@ -319,13 +337,14 @@ def report(cells: dict[tuple[str, str], Cell], n: int, repeat: int, stat: str, m
     def fmt(value: float | None) -> str:
         return f"{value:9.3f}" if value is not None else f"{'n/a':>9}"
 
-    print(f"Exit cost, us per exit: ({stat} time at N={n} - {stat} at N=0) / N, "
-          f"{repeat} repeats")
+    print(f"Exit cost, us per exit: ({stat} time at N={n} - {stat} at N=0) / N, {repeat} repeats")
     print(f"machine: {machine}")
     print(f"load average (1, 5, 15 min) before, after: {load}")
-    print(f"{'method':<8} {'pio':>9} {'mmio':>9} {'mean':>9} {'- c':>9} | "
-          f"{short + ' pio':>9} {short + ' mmio':>9} | "
-          f"{'wall mean':>9} {'MAD':>7}")
+    print(
+        f"{'method':<8} {'pio':>9} {'mmio':>9} {'mean':>9} {'- c':>9} | "
+        f"{short + ' pio':>9} {short + ' mmio':>9} | "
+        f"{'wall mean':>9} {'MAD':>7}"
+    )
     c_mean = us["c_us"]
     for method in METHODS:
         if (method, "pio") not in cells:
@@ -339,53 +358,62 @@ def report(cells: dict[tuple[str, str], Cell], n: int, repeat: int, stat: str, m
         )
         noise = max(cells[method, kind].mad_us(n) for kind in MODES)
         minus_text = fmt(minus) if method != "c" else " " * 9
-        print(f"{method:<8} {fmt(us[f'{method}_pio_us'])} {fmt(us[f'{method}_mmio_us'])} "
-              f"{fmt(mean)} {minus_text} | {fmt(others[0])} {fmt(others[1])} | "
-              f"{fmt(wall)} {noise:7.3f}")
-    print("pio, mmio: timed span, RunResult.elapsed for pyvmm, the C VMM's own timer (first "
-          "KVM_RUN to last exit); mean: of pio and mmio; - c: mean minus c's mean")
-    print(f"{short} pio, {short} mmio: the {other_stat} instead; "
-          "wall mean: perf_counter around Machine.run(); "
-          "MAD: median absolute deviation of one N-run, per exit")
-    print("c_fd: the C VMM doing pread/pwrite on memfds per exit like pyvmm's native path")
+        print(
+            f"{method:<8} {fmt(us[f'{method}_pio_us'])} {fmt(us[f'{method}_mmio_us'])} "
+            f"{fmt(mean)} {minus_text} | {fmt(others[0])} {fmt(others[1])} | "
+            f"{fmt(wall)} {noise:7.3f}"
+        )
+    print(
+        "pio, mmio: timed span, RunResult.elapsed for pyvmm, the C VMM's own timer (first "
+        "KVM_RUN to last exit); mean: of pio and mmio; - c: mean minus c's mean"
+    )
+    print(
+        f"{short} pio, {short} mmio: the {other_stat} instead; "
+        "wall mean: perf_counter around Machine.run(); "
+        "MAD: median absolute deviation of one N-run, per exit"
+    )
+    print(
+        "native: buffer-backed ranges (memcpy in C); native_fd: fd-forwarded ranges "
+        "(pread/pwrite); c_fd: the C VMM doing pread/pwrite on memfds like native_fd"
+    )
 
     def minus_c(method: str) -> float | None:
         mean = us[f"{method}_us"]
         return None if mean is None or c_mean is None else mean - c_mean
 
     native_minus_c, python_minus_c = minus_c("native"), minus_c("python")
-    native_minus_c_fd = (
-        None if us["native_us"] is None or us["c_fd_us"] is None
-        else us["native_us"] - us["c_fd_us"]
+    native_fd_minus_c_fd = (
+        None
+        if us["native_fd_us"] is None or us["c_fd_us"] is None
+        else us["native_fd_us"] - us["c_fd_us"]
     )
     if native_minus_c is not None and python_minus_c is not None:
         native_met = "met" if native_minus_c <= GOAL_NATIVE_US else "not met"
         python_met = "met" if python_minus_c <= GOAL_PYTHON_US else "not met"
-        print(f"goal (issue): native within {GOAL_NATIVE_US} us of C: "
-              f"{native_minus_c:+.3f} us, {native_met}; "
-              f"Python within {GOAL_PYTHON_US} us: {python_minus_c:+.3f} us, {python_met}")
+        print(
+            f"goal (issue): native within {GOAL_NATIVE_US} us of C: "
+            f"{native_minus_c:+.3f} us, {native_met}; "
+            f"Python within {GOAL_PYTHON_US} us: {python_minus_c:+.3f} us, {python_met}"
+        )
     print(f"total benchmark time {seconds:.1f} s")
 
     def rounded(value: float | None) -> float | None:
         return None if value is None else round(value, 4)
 
-    summary: dict[str, object] = {
-        key: rounded(us[key]) for key in ("c_us", "c_fd_us", "native_us", "python_us")
-    }
+    summary: dict[str, object] = {f"{m}_us": rounded(us[f"{m}_us"]) for m in METHODS}
     for method in METHODS:
         for kind in MODES:
             summary[f"{method}_{kind}_us"] = rounded(us[f"{method}_{kind}_us"])
     summary.update(
         native_minus_c_us=rounded(native_minus_c),
         python_minus_c_us=rounded(python_minus_c),
-        native_minus_c_fd_us=rounded(native_minus_c_fd),
+        native_fd_minus_c_fd_us=rounded(native_fd_minus_c_fd),
         goal_native_minus_c_us=GOAL_NATIVE_US,
         goal_python_minus_c_us=GOAL_PYTHON_US,
         iterations=n,
         repeat=repeat,
         stat=stat,
-        other_stat={"stat": other_stat}
-        | {key: rounded(other[key]) for key in ("c_us", "c_fd_us", "native_us", "python_us")},
+        other_stat={"stat": other_stat} | {f"{m}_us": rounded(other[f"{m}_us"]) for m in METHODS},
         load_average=load,
         timing="RunResult.elapsed (pyvmm) vs first KVM_RUN to last exit (C)",
         machine=machine,
@@ -396,12 +424,26 @@ def report(cells: dict[tuple[str, str], Cell], n: int, repeat: int, stat: str, m
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", "-n", type=int, default=30000,
-                        help="exits per measured run, per exit kind (default 30000)")
-    parser.add_argument("--repeat", "-r", type=int, default=9,
-                        help="runs of each kind at N and at 0; the median is used (default 9)")
-    parser.add_argument("--stat", choices=("best", "median"), default="best",
-                        help="how R repeats become one time (default best: the minimum)")
+    parser.add_argument(
+        "--iterations",
+        "-n",
+        type=int,
+        default=30000,
+        help="exits per measured run, per exit kind (default 30000)",
+    )
+    parser.add_argument(
+        "--repeat",
+        "-r",
+        type=int,
+        default=9,
+        help="runs of each kind at N and at 0; the median is used (default 9)",
+    )
+    parser.add_argument(
+        "--stat",
+        choices=("best", "median"),
+        default="best",
+        help="how R repeats become one time (default best: the minimum)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.repeat < 1:

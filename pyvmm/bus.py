@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pyvmm._native import ffi, lib
 from pyvmm.errors import ConfigurationError
 
@@ -28,6 +30,7 @@ class NativeHandler:
     fd: int = -1
     fd_offset: int = 0
     device: Any = ffi.NULL
+    keep: Any = None  #: keeps the memory behind device alive as long as the range
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,19 @@ class Bus:
         """Forward accesses to fd with pread/pwrite at fd_offset + (address - base), natively."""
         handler = NativeHandler(lib.PYVMM_HANDLER_FD, fd=fd, fd_offset=fd_offset)
         self.add(base, length, handler, name or f"fd {fd}")
+
+    def add_buffer(self, base: int, length: int, name: str = "") -> np.ndarray:
+        """Back [base, base + length) with host memory, served natively; returns that memory.
+
+        Guest writes land in the returned array and guest reads come from it: a mailbox
+        between a test guest and the test, or registers whose values the test sets.
+        """
+        buffer = np.zeros(length, dtype=np.uint8)
+        handler = NativeHandler(
+            lib.PYVMM_HANDLER_BUFFER, device=ffi.from_buffer(buffer), keep=buffer
+        )
+        self.add(base, length, handler, name or "buffer")
+        return buffer
 
     def find(self, address: int) -> BusRange | None:
         """Return the range claiming address, if any."""

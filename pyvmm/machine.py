@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pyvmm._native import ffi, lib
 from pyvmm.bus import Bus, PythonHandler
 from pyvmm.devices.debug_exit import add_debug_exit
@@ -122,6 +124,14 @@ class Machine:
         """Serve MMIO natively by pread/pwrite on fd at offset + (address - base)."""
         self.mmio.add_fd(base, length, fd, offset)
 
+    def pio_buffer(self, base: int, length: int, name: str = "") -> np.ndarray:
+        """Back ports [base, base + length) with a host byte array, served natively."""
+        return self.pio.add_buffer(base, length, name)
+
+    def mmio_buffer(self, base: int, length: int, name: str = "") -> np.ndarray:
+        """Back MMIO [base, base + length) with a host byte array, served natively."""
+        return self.mmio.add_buffer(base, length, name)
+
     def _create_vcpus(self) -> None:
         if self.image is None:
             raise ConfigurationError("no guest loaded: call load() before run()")
@@ -179,7 +189,6 @@ class _Run:
         self.handle_signals = handle_signals
 
     def _vcpu_thread(self, runner: VcpuRunner) -> None:
-        runner.thread_id = threading.get_ident()
         try:
             stop = runner.run()
         except BaseException as error:  # a bug in pyvmm itself: report it, don't hang

@@ -49,7 +49,7 @@ class RunResult:
     unclaimed_mmio: Unclaimed = field(default_factory=Unclaimed)
     exits: int = 0  #: exits from KVM_RUN, all vCPUs
     python_exits: int = 0  #: of those, exits served by Python handlers
-    elapsed: float = 0.0  #: seconds from the first KVM_RUN to the end
+    elapsed: float = 0.0  #: seconds from starting the vCPU threads to joining them
 
     @property
     def serial_text(self) -> str:

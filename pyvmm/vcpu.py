@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import signal
+import struct
+import threading
 from typing import Any
 
 from pyvmm._native import ffi, lib
@@ -33,6 +35,14 @@ class VcpuStop(enum.IntEnum):
     HANDLER_RAISED = 100  #: a Python handler raised; the exception is kept
 
 
+#: The access fields of struct pyvmm_vcpu_loop, access_range to access_offset, read in one go:
+#: six u32 then a u64 (one unpack is cheaper than seven cffi field reads on every exit).
+_ACCESS = struct.Struct("=6IQ")
+_ACCESS_OFFSET = ffi.offsetof("struct pyvmm_vcpu_loop", "access_range")
+assert _ACCESS_OFFSET + _ACCESS.size == ffi.offsetof(
+    "struct pyvmm_vcpu_loop", "access_offset"
+) + ffi.sizeof("uint64_t"), "struct pyvmm_vcpu_loop's access fields moved"
+
 #: The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it cannot clash
 #: with signals an application uses for other things.
 KICK_SIGNAL = signal.SIGRTMIN + 1
@@ -55,13 +65,27 @@ class VcpuRunner:
         loop.fail_on_unclaimed = int(fail_on_unclaimed)
         self._handlers = (pio.python_handlers(), mmio.python_handlers())
         self._buses = (pio, mmio)
-        # The whole kvm_run page as one memoryview: handler views are slices of it.
+        self._loop_bytes = ffi.buffer(loop)
+        # The whole kvm_run page as one memoryview: handler views are slices of it. The data
+        # of an exit sits at a handful of fixed places, so the slices are made once.
         self._page = memoryview(ffi.buffer(vcpu.run, vcpu.mmap_size))
+        self._views: dict[tuple[int, int], memoryview] = {}
         self.exception: BaseException | None = None
-        self.thread_id: int | None = None
+        # The thread in the C loop, while it may be signalled (see kick()).
+        self._thread_id: int | None = None
+        self._thread_lock = threading.Lock()
 
     def run(self) -> VcpuStop:
-        """Run until the vCPU stops; returns why (details stay in self.loop)."""
+        """Run in the calling thread until the vCPU stops; returns why (details in self.loop)."""
+        with self._thread_lock:
+            self._thread_id = threading.get_ident()
+        try:
+            return self._run()
+        finally:
+            with self._thread_lock:
+                self._thread_id = None
+
+    def _run(self) -> VcpuStop:
         loop = self.loop
         run_loop = lib.pyvmm_vcpu_run
         python_stop = lib.PYVMM_STOP_PYTHON
@@ -70,25 +94,22 @@ class VcpuRunner:
             if stop != python_stop:
                 return VcpuStop(stop)
             try:
-                self._serve(loop)
+                self._serve()
             except BaseException as error:  # a device bug: stop the VM and hand it back
                 self.exception = error
                 return VcpuStop.HANDLER_RAISED
 
-    def _serve(self, loop: Any) -> None:
-        handler = self._handlers[loop.access_is_mmio][loop.access_range]
-        size = loop.access_size
-        start = loop.access_data_offset
-        offset = loop.access_offset
-        is_write = bool(loop.access_is_write)
-        page = self._page
-        count = loop.access_count
-        if count == 1:
-            handler(offset, page[start : start + size], is_write)
-            return
+    def _serve(self) -> None:
+        index, is_mmio, is_write, size, count, start, offset = _ACCESS.unpack_from(
+            self._loop_bytes, _ACCESS_OFFSET
+        )
+        handler = self._handlers[is_mmio][index]
         for item in range(count):
             at = start + item * size
-            handler(offset, page[at : at + size], is_write)
+            view = self._views.get((at, size))
+            if view is None:
+                view = self._views[at, size] = self._page[at : at + size]
+            handler(offset, view, is_write == 1)
 
     def access_range_name(self) -> str:
         """Name of the range of the last Python-handled access."""
@@ -98,8 +119,8 @@ class VcpuRunner:
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN now (the stop flag must already be set)."""
         self.vcpu.run.immediate_exit = 1
-        if self.thread_id is not None:
-            try:
-                signal.pthread_kill(self.thread_id, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # the thread already ended
+        # Under the lock the thread cannot leave run(), so it is alive when signalled:
+        # signalling a thread that has exited is undefined.
+        with self._thread_lock:
+            if self._thread_id is not None:
+                signal.pthread_kill(self._thread_id, KICK_SIGNAL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm._native import lib
+from pyvmm._native import ffi, lib
 from pyvmm.bus import Bus
 from pyvmm.errors import ConfigurationError
 
@@ -48,3 +48,12 @@ def test_adjacent_ranges_are_fine():
 def test_out_of_bus_ranges_are_refused(base, length):
     with pytest.raises(ConfigurationError, match="outside the bus"):
         Bus("port I/O", 1 << 16).add(base, length, handler)
+
+
+def test_buffer_range_keeps_its_memory_and_points_the_table_at_it():
+    bus = Bus("MMIO", 1 << 52)
+    buffer = bus.add_buffer(0xD000_0000, 32, "mailbox")
+    table = bus.compile()
+    assert table.ranges[0].kind == lib.PYVMM_HANDLER_BUFFER
+    assert int(ffi.cast("uintptr_t", table.ranges[0].device)) == buffer.ctypes.data
+    assert buffer.shape == (32,) and not buffer.any()

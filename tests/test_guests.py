@@ -116,6 +116,34 @@ def test_port_io_and_mmio_exerciser(run_guest):
     assert 0 < result.python_exits < result.exits
 
 
+def test_exerciser_served_natively_never_enters_python(run_guest):
+    buffers = {}
+    backing = os.memfd_create("fd-window")
+    os.pwrite(backing, struct.pack("<II", 0, 0x600DCAFE), 0)
+
+    def setup(machine: Machine) -> None:
+        buffers["registers"] = machine.pio_buffer(0x500, 8)
+        buffers["string"] = machine.pio_buffer(0x508, 1)
+        buffers["window"] = machine.mmio_buffer(0xD000_0000, 16)
+        machine.forward_mmio(0xD000_1000, 8, backing)
+
+    try:
+        result = run_guest("pio_mmio", setup=setup)
+    finally:
+        os.close(backing)
+    assert result.exit_status == 0, result.message
+    assert result.serial_text.splitlines() == [
+        "pio 11 2233 44556677",
+        "pio-str 6d6d6d6d6d",  # five writes to one byte register; the last was 'm'
+        "mmio a1 b2c3 d4e5f607 0123456789abcdef",
+        "fd cafef00d 600dcafe",
+        "done",
+    ]
+    assert buffers["window"].tobytes() == bytes.fromhex("a100c3b207f6e5d4efcdab8967452301")
+    assert result.python_exits == 0
+    assert result.exits > 20
+
+
 @pytest.mark.parametrize("cpus", [1, 4])
 def test_smp_every_vcpu_reports(run_guest, cpus):
     result = run_guest("smp", cpus=cpus)

@@ -18,6 +18,7 @@ enum pyvmm_handler_kind {
 	PYVMM_HANDLER_DEBUG_EXIT = 2, /* QEMU isa-debug-exit: a write of v ends the run, (v << 1) | 1 */
 	PYVMM_HANDLER_POWEROFF = 3,   /* ACPI PM1a control: a write with SLP_EN ends the run, status 0 */
 	PYVMM_HANDLER_FD = 4,         /* pread/pwrite on .fd at .fd_offset + (address - base) */
+	PYVMM_HANDLER_BUFFER = 5,     /* host memory at .device: writes land there, reads come from it */
 };
 
 /* One claimed range of a port I/O or MMIO bus. */

@@ -54,6 +54,7 @@ static int serve_native(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *
 			uint64_t address, uint8_t *data, uint32_t size, int is_write)
 {
 	uint64_t offset = address - range->base;
+	uint64_t inside;
 	ssize_t done;
 
 	switch (range->kind) {
@@ -76,6 +77,16 @@ static int serve_native(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *
 			return SERVED;
 		loop->exit_status = 0;
 		return PYVMM_STOP_GUEST_EXIT;
+	case PYVMM_HANDLER_BUFFER:
+		/* An access straddling the end keeps to the buffer; the rest reads as ones. */
+		inside = range->length - offset < size ? range->length - offset : size;
+		if (is_write) {
+			memcpy((uint8_t *)range->device + offset, data, inside);
+		} else {
+			memset(data, 0xff, size);
+			memcpy(data, (uint8_t *)range->device + offset, inside);
+		}
+		return SERVED;
 	case PYVMM_HANDLER_FD:
 		if (is_write)
 			done = pwrite(range->fd, data, size, range->fd_offset + offset);
