@@ -224,21 +224,12 @@ class _Run:
         try:
             for thread in threads:
                 thread.start()
-            deadline = None if self.timeout is None else started + self.timeout
-            while not self.done.is_set():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self.timed_out = True
-                    break
-                self.done.wait(remaining if remaining is None else min(remaining, 1.0))
+            # A vCPU's end or a signal sets done; the signal handlers run during the wait.
+            self.timed_out = not self.done.wait(self.timeout)
         finally:
             self._stop_all()
             for thread in threads:
-                while thread.is_alive():
-                    # Keep kicking: a kick can land just before a thread enters KVM_RUN.
-                    thread.join(0.05)
-                    if thread.is_alive():
-                        self._stop_all()
+                thread.join()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self._build_result(time.monotonic() - started)
