@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,16 +39,24 @@ DROP_ENV = {
     "LD_PRELOAD",
 }
 
+#: Where the job records the process group of CMD (inside the rig).
+PGID = "/run/pyvmm-rig.pgid"
+
 #: Inner machine: AMD model with SVM (TCG has no VMX), emulated VT-d, edu.
 #: Console lines that are not the command's: firmware banner, power-off.
 NOISE = re.compile(rb"^(\x1b|Booting from ROM|\[ *[0-9.]+\] reboot: Power down)")
+#: Line starts that may be the harness's, not CMD's (held until the line ends).
+PREFIXES = (b"rig-init: ", b"\x1b", b"Booting from ROM", b"[")
 
 MEMORY = os.environ.get("PYVMM_RIG_MEMORY", "2G")
 CPUS = os.environ.get("PYVMM_RIG_CPUS", "2")
 
 
-def job_script(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """The shell script the inner system runs in the chroot of the host root."""
+def job_script(cmd: list[str], cwd: Path, env: dict[str, str], run: Path) -> str:
+    """The shell script the inner system runs in the chroot of the host root.
+
+    It leaves CMD's exit status in RUN/status.
+    """
     lines = ["# written by tests.rig: runs inside the rig", ". /run/pyvmm-rig.env"]
     for k, v in sorted(env.items()):
         if k in DROP_ENV or not k.isidentifier():
@@ -56,12 +65,22 @@ def job_script(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     # The host's Python comes first, so `python` inside is the interpreter
     # that runs this harness (with its site-packages and editable installs).
     lines.append(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"')
-    if not sys.stdout.isatty():
-        # Inside, stdout is the serial console, a tty: keep colour codes out
-        # of logs when the harness's own output is not a terminal.
-        lines.append("export PY_COLORS=0 NO_COLOR=1 TERM=dumb")
-    lines.append(f"cd {shlex.quote(str(cwd))} || exit 126")
-    lines.append("exec " + " ".join(shlex.quote(a) for a in cmd))
+    q = shlex.quote
+    status = q(str(run / "status"))
+    # CMD runs in a session of its own (util-linux setsid -w waits for it),
+    # whose id it records, so that whatever it leaves running in the
+    # background is killed when it exits and cannot hold its output open.
+    inner = f"echo $$ >{PGID}; cd {q(str(cwd))} || exit 126; exec {' '.join(map(q, cmd))}"
+    run_cmd = f"setsid -w sh -c {q(inner)} </dev/null"
+    reap = f'kill -KILL -"$(cat {PGID})" 2>/dev/null'
+    if sys.stdout.isatty():
+        lines.append(f"{run_cmd}; echo $? >{status}; {reap}")
+    else:
+        # Inside, stdout would be the serial console, a tty: when the
+        # harness's own output is not a terminal, give CMD a pipe too, so it
+        # behaves as it would on the host (no colours, no \r progress).
+        lines.append("export PYTHONUNBUFFERED=1")
+        lines.append(f"{{ {run_cmd} 2>&1; echo $? >{status}; {reap}; }} | cat")
     return "\n".join(lines) + "\n"
 
 
@@ -74,39 +93,64 @@ def qemu_argv(rig: Rig, run: Path, repo: Path) -> list[str]:
         f"console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt "
         f"pyvmm_rig.run={run} pyvmm_rig.repo={repo}"
     )
+    # thread=single: multi-threaded TCG races with the kernel's cross-CPU
+    # code patching (text_poke_bp: kprobes, static keys); with -smp 2 a stale
+    # int3 then oopses the inner kernel ("Oops: int3" in a few seconds of
+    # kprobe add/remove). One TCG thread round-robins the vCPUs, coherently.
+    # fmt: off
     return [
-        qemu,
-        "-machine",
-        "q35,kernel-irqchip=split",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-smp",
-        CPUS,
-        "-m",
-        MEMORY,
-        "-nographic",
-        "-no-reboot",
-        "-nic",
-        "none",
-        "-device",
-        "intel-iommu,caching-mode=on,intremap=on",
-        "-device",
-        "edu",
-        "-kernel",
-        str(rig.vmlinuz),
-        "-initrd",
-        str(rig.initrd),
-        "-append",
-        append,
+        qemu, "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=single",
+        "-cpu", "max", "-smp", CPUS, "-m", MEMORY,
+        "-nographic", "-no-reboot", "-nic", "none",
+        "-device", "intel-iommu,caching-mode=on,intremap=on", "-device", "edu",
+        "-kernel", str(rig.vmlinuz), "-initrd", str(rig.initrd), "-append", append,
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        "-virtfs",
-        f"local,path={repo},mount_tag=rigrepo,security_model=none",
-        "-virtfs",
-        f"local,path={run},mount_tag=rigrun,security_model=none",
+        "-virtfs", f"local,path={repo},mount_tag=rigrepo,security_model=none",
+        "-virtfs", f"local,path={run},mount_tag=rigrun,security_model=none",
     ]
+    # fmt: on
+
+
+class Console:
+    """Splits the inner serial console: CMD's output to stdout as it comes,
+    the init's "rig-init: " lines to stderr, firmware and power-off noise away.
+    """
+
+    def __init__(self) -> None:
+        self.pending = b""  # start of a line not yet known to be CMD's
+        self.passing = False  # inside a line already known to be CMD's
+        self.failed: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Handle the next chunk of console output."""
+        out = sys.stdout.buffer
+        if self.passing:  # finish the line already passed on, then go line by line
+            head, nl, data = data.partition(b"\n")
+            out.write(head + nl)
+            if not nl:
+                out.flush()
+                return
+            self.passing = False
+        *lines, rest = (self.pending + data).split(b"\n")
+        for line in lines:
+            self.line(line + b"\n")
+        self.pending = rest
+        # Pass on a partial line (pytest's progress dots) once it cannot be ours.
+        if rest and not any(p.startswith(rest[: len(p)]) for p in PREFIXES):
+            out.write(rest)
+            self.pending, self.passing = b"", True
+        out.flush()
+
+    def line(self, line: bytes) -> None:
+        """Handle one whole line."""
+        if line.startswith(b"rig-init: "):
+            text = line.decode(errors="replace").strip()[len("rig-init: ") :]
+            if text.startswith("FAILED: "):
+                self.failed = text[len("FAILED: ") :]
+            say(text)
+        elif not NOISE.match(line):
+            sys.stdout.buffer.write(line)
 
 
 def run_in_rig(
@@ -130,10 +174,11 @@ def run_in_rig(
     runs = cache_root() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="run-", dir=runs))
-    (run / "job.sh").write_text(job_script(cmd, cwd, dict(os.environ if env is None else env)))
+    environ = dict(os.environ if env is None else env)
+    (run / "job.sh").write_text(job_script(cmd, cwd, environ, run))
     console = run / "console.log"
     t0 = time.monotonic()
-    failed = None
+    con = Console()
     with open(console, "wb") as log:
         proc = subprocess.Popen(
             qemu_argv(rig, run, repo),
@@ -142,28 +187,26 @@ def run_in_rig(
             stderr=subprocess.STDOUT,
         )
         assert proc.stdout is not None
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
         try:
-            deadline = None if timeout is None else t0 + timeout
-            for line in iter(proc.stdout.readline, b""):
-                log.write(line)
-                if line.startswith(b"rig-init: "):
-                    text = line.decode(errors="replace").strip()
-                    if text.startswith("rig-init: FAILED: "):
-                        failed = text[len("rig-init: FAILED: ") :]
-                    say(text[len("rig-init: ") :])
-                elif not NOISE.match(line):
-                    sys.stdout.buffer.write(line)
-                    sys.stdout.buffer.flush()
-                if deadline and time.monotonic() > deadline:
-                    proc.kill()
-                    raise RigError("run", f"timed out after {timeout:.0f}s", console)
+            while data := os.read(proc.stdout.fileno(), 65536):
+                log.write(data)
+                log.flush()
+                con.feed(data)
         finally:
+            if timer:
+                timer.cancel()
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
     status = run / "status"
-    if failed:
-        raise RigError(f"inner set-up: {failed}", "the inner init stopped", console)
+    if timeout and time.monotonic() - t0 >= timeout and not status.exists():
+        raise RigError("run", f"timed out after {timeout:.0f}s", console)
+    if con.failed:
+        raise RigError(f"inner set-up: {con.failed}", "the inner init stopped", console)
+    status = run / "status"
     if not status.exists():
         raise RigError(
             "run",

@@ -88,6 +88,7 @@ EOF
 echo "rig-init: inner system ready ${EDU:+(edu $EDU) }$(cut -d' ' -f1 /proc/uptime)s after boot"
 
 chroot /host /bin/sh "$RUN/job.sh" </dev/null
-echo "$?" >"/host$RUN/status"
+rc=$?
+[ -e "/host$RUN/status" ] || echo "$rc" >"/host$RUN/status"
 sync
 poweroff -f
