@@ -171,6 +171,13 @@ def run_in_rig(
     for p in (cwd, repo):
         if any(c.isspace() for c in str(p)):
             raise RigError("boot", f"paths with blanks are not supported: {p}")
+    if cache_root().is_relative_to("/tmp"):
+        # The inner /tmp is a tmpfs of its own: the job script would not be seen.
+        raise RigError(
+            "boot",
+            f"the cache {cache_root()} is under /tmp, which the rig does not "
+            "share: set PYVMM_RIG_CACHE elsewhere (e.g. /var/tmp)",
+        )
     runs = cache_root() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="run-", dir=runs))
