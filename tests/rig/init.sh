@@ -39,11 +39,14 @@ done </lib/modules/order
 # The host's root read-only; the project tree and the run directory writable.
 O=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o "$O,ro,cache=loose" hostroot /host || die "mount host root over 9p"
-mount -t 9p -o "$O" rigrepo "/host$REPO" || die "mount the project tree over 9p"
-mount -t 9p -o "$O" rigrun "/host$RUN" || die "mount the run directory over 9p"
 for d in tmp run dev/shm; do
 	mount -t tmpfs -o mode=1777 tmpfs "/host/$d" || die "mount tmpfs on /$d"
 done
+# After the tmpfs mounts, so a project tree under /tmp (a CI clone, say) stays visible; its
+# mount point may then lie in a tmpfs and need creating.
+mkdir -p "/host$REPO" "/host$RUN" 2>/dev/null
+mount -t 9p -o "$O" rigrepo "/host$REPO" || die "mount the project tree over 9p"
+mount -t 9p -o "$O" rigrun "/host$RUN" || die "mount the run directory over 9p"
 mount -t proc proc /host/proc || die "mount /proc in the chroot"
 mount -t sysfs sys /host/sys || die "mount /sys in the chroot"
 mount -t devtmpfs dev /host/dev || die "mount /dev in the chroot"
