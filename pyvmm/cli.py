@@ -15,7 +15,9 @@ from pyvmm.guests import guest_path
 from pyvmm.x86 import CpuMode
 
 _STATUSES = "\n".join(
-    f"  {status.value:3d}  {status.name.lower().replace('_', ' ')}" for status in ExitStatus
+    f"  {status.value:3d}  {status.name.lower().replace('_', ' ')}"
+    for status in ExitStatus
+    if status is not ExitStatus.OK
 )
 EPILOG = f"""exit status: 0 or (v << 1) | 1 when the guest ends itself (power-off, or a write of v
 to isa-debug-exit at port 0xF4); otherwise one of:

@@ -336,9 +336,8 @@ class Vcpu(_FileHandle):
 
     def get_mp_state(self) -> int:
         """Return the multiprocessing state (KVM_MP_STATE_*)."""
-        return self._get(lib.KVM_GET_MP_STATE, "KVM_GET_MP_STATE", "struct kvm_mp_state *")[
-            0
-        ].mp_state
+        state = self._get(lib.KVM_GET_MP_STATE, "KVM_GET_MP_STATE", "struct kvm_mp_state *")
+        return state.mp_state
 
     def set_mp_state(self, state: int) -> None:
         """Set the multiprocessing state, e.g. RUNNABLE for an AP without INIT/SIPI."""

@@ -225,3 +225,11 @@ def test_python_handler_exception_reaches_the_caller(kvm_required):
         with pytest.raises(RuntimeError, match="device bug") as raised:
             machine.run(timeout=30)
     assert any("broken device" in note for note in raised.value.__notes__)
+
+
+def test_smp_with_in_kernel_irqchip_starts_every_vcpu_without_sipi(run_guest):
+    # With an in-kernel LAPIC, KVM parks APs waiting for INIT/SIPI unless pyvmm makes them
+    # runnable; every vCPU must still report in.
+    result = run_guest("smp", cpus=3, irqchip=True, timeout=60)
+    assert result.exit_status == 0, result.message
+    assert result.serial_text.splitlines()[-1] == "all 3 cpus reported"
