@@ -47,6 +47,26 @@ def test_serial_input_from_stdin(pyvmm_cli):
     assert completed.stdout == "type a line\ngot: ping\n"
 
 
+def test_serial_input_interrupts_with_irqchip():
+    # stdin arrives only after the guest is halted waiting for IRQ 4.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "uart_irq", "--irqchip", "--timeout", "60"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline() == "waiting for input on IRQ 4\n"
+        process.stdin.write("q")
+        process.stdin.close()
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert stdout == "irq 4 delivered 'q'\n"
+
+
 def test_internal_error(pyvmm_cli):
     completed = pyvmm_cli("run", "bad_fetch")
     assert_one_line_error(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 import pytest
 
@@ -233,3 +234,17 @@ def test_smp_with_in_kernel_irqchip_starts_every_vcpu_without_sipi(run_guest):
     result = run_guest("smp", cpus=3, irqchip=True, timeout=60)
     assert result.exit_status == 0, result.message
     assert result.serial_text.splitlines()[-1] == "all 3 cpus reported"
+
+
+def test_uart_input_raises_irq4_through_the_in_kernel_pic(kvm_required):
+    with Machine(serial="capture", irqchip=True) as machine:
+        machine.load(guest_path("uart_irq"))
+        # Input arrives while the guest sits in HLT with interrupts on: only IRQ 4 wakes it.
+        typing = threading.Timer(0.5, machine.serial.push_input, (b"z",))
+        typing.start()
+        try:
+            result = machine.run(timeout=60)
+        finally:
+            typing.cancel()
+    assert result.exit_status == 0, result.message
+    assert result.serial_text == "waiting for input on IRQ 4\nirq 4 delivered 'z'\n"
