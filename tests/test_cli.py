@@ -60,7 +60,8 @@ def test_serial_input_interrupts_with_irqchip():
         assert process.stdout.readline() == "waiting for input on IRQ 4\n"
         process.stdin.write("q")
         process.stdin.close()
-        stdout, stderr = process.communicate(timeout=60)
+        process.wait(timeout=60)
+        stdout, stderr = process.stdout.read(), process.stderr.read()
     finally:
         process.kill()
     assert process.returncode == 0, stderr
