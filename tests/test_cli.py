@@ -14,6 +14,17 @@ from pyvmm import ExitStatus, guest_path
 pytestmark = pytest.mark.usefixtures("kvm_required")
 
 
+def start_pyvmm(*args: str, stdin: int) -> subprocess.Popen:
+    """Start the pyvmm command in the background, its output in text pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def assert_one_line_error(completed: subprocess.CompletedProcess, status: int, text: str) -> None:
     assert completed.returncode == status, completed.stderr
     assert "Traceback" not in completed.stderr
@@ -49,13 +60,7 @@ def test_serial_input_from_stdin(pyvmm_cli):
 
 def test_serial_input_interrupts_with_irqchip():
     # stdin arrives only after the guest is halted waiting for IRQ 4.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", "run", "uart_irq", "--irqchip", "--timeout", "60"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_pyvmm("run", "uart_irq", "--irqchip", "--timeout", "60", stdin=subprocess.PIPE)
     try:
         assert process.stdout.readline() == "waiting for input on IRQ 4\n"
         process.stdin.write("q")
@@ -166,13 +171,7 @@ def test_bad_configuration(pyvmm_cli, args):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_guest(signum):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", "run", "spin", "--cpus", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    process = start_pyvmm("run", "spin", "--cpus", "2", stdin=subprocess.DEVNULL)
     try:
         assert process.stdout.readline() == "spinning\n"
         process.send_signal(signum)
