@@ -98,13 +98,13 @@ def describe_stop(runner: VcpuRunner, stop: VcpuStop) -> tuple[str, int, str]:
         return (
             "internal-error",
             ExitStatus.INTERNAL_ERROR,
-            (f"KVM could not enter vCPU {index}: hardware entry failure reason {reason:#x}"),
+            f"KVM could not enter vCPU {index}: hardware entry failure reason {reason:#x}",
         )
     if stop is VcpuStop.INTERNAL_ERROR:
         return (
             "internal-error",
             ExitStatus.INTERNAL_ERROR,
-            (f"KVM internal error on vCPU {index}: {_internal_error(loop)}"),
+            f"KVM internal error on vCPU {index}: {_internal_error(loop)}",
         )
     if stop is VcpuStop.SYSTEM_EVENT:
         names = {
@@ -133,7 +133,7 @@ def describe_stop(runner: VcpuRunner, stop: VcpuStop) -> tuple[str, int, str]:
         return (
             "internal-error",
             ExitStatus.INTERNAL_ERROR,
-            (f"vCPU {index}: KVM exit reason {loop.run.exit_reason} is not handled by pyvmm"),
+            f"vCPU {index}: KVM exit reason {loop.run.exit_reason} is not handled by pyvmm",
         )
     if stop is VcpuStop.ERROR:
         name = errno.errorcode.get(loop.error, str(loop.error))
@@ -141,12 +141,12 @@ def describe_stop(runner: VcpuRunner, stop: VcpuStop) -> tuple[str, int, str]:
             return (
                 "device-error",
                 ExitStatus.DEVICE_ERROR,
-                (f"vCPU {index}: forwarded access failed: {name}: {os.strerror(loop.error)}"),
+                f"vCPU {index}: forwarded access failed: {name}: {os.strerror(loop.error)}",
             )
         return (
             "internal-error",
             ExitStatus.INTERNAL_ERROR,
-            (f"KVM_RUN failed on vCPU {index}: {name}: {os.strerror(loop.error)}"),
+            f"KVM_RUN failed on vCPU {index}: {name}: {os.strerror(loop.error)}",
         )
     return "interrupted", ExitStatus.SIGNALLED, f"vCPU {index} was stopped"
 
