@@ -27,6 +27,13 @@ class ExitStatus(enum.IntEnum):
     SIGNALLED = 18  #: stopped by SIGINT or SIGTERM
     SYSTEM_EVENT = 20  #: the guest asked KVM for a reset, shutdown or crash event
     DEVICE_ERROR = 22  #: a device backend failed (a forwarded fd, a device handler)
+    DEVICE_NOT_FOUND = 24  #: --device names no PCI device, sysfs path or mdev on this host
+    DEVICE_NOT_BOUND = 26  #: the device is not bound to vfio-pci (or is not a VFIO mdev)
+    GROUP_NOT_VIABLE = 28  #: another device in the IOMMU group is bound to a host driver
+    DEVICE_PERMISSION = 30  #: no permission on /dev/vfio/* or /dev/iommu
+    DEVICE_BUSY = 32  #: the device or its group is already in use by another process
+    MEMLOCK_LIMIT = 34  #: RLIMIT_MEMLOCK is too low to pin guest RAM for DMA
+    NO_VFIO = 36  #: the host kernel lacks VFIO (or iommufd and the device cdev for --vfio cdev)
 
 
 class PyvmmError(Exception):
@@ -68,3 +75,51 @@ class KvmIoctlError(PyvmmError):
         super().__init__(f"{ioctl} failed: {name}: {os.strerror(error)}{detail}")
         self.ioctl = ioctl
         self.errno = error
+
+
+class DeviceAssignmentError(PyvmmError):
+    """A device cannot be assigned; the subclass's exit status says why, the message the fix."""
+
+    exit_status = ExitStatus.DEVICE_ERROR
+
+
+class DeviceNotFoundError(DeviceAssignmentError):
+    """No host device matches what --device named."""
+
+    exit_status = ExitStatus.DEVICE_NOT_FOUND
+
+
+class DeviceNotBoundError(DeviceAssignmentError):
+    """The device is bound to a host driver (or none) instead of vfio-pci."""
+
+    exit_status = ExitStatus.DEVICE_NOT_BOUND
+
+
+class GroupNotViableError(DeviceAssignmentError):
+    """The device's IOMMU group holds a device still bound to a host driver."""
+
+    exit_status = ExitStatus.GROUP_NOT_VIABLE
+
+
+class DevicePermissionError(DeviceAssignmentError):
+    """The VFIO or iommufd node cannot be opened by this user."""
+
+    exit_status = ExitStatus.DEVICE_PERMISSION
+
+
+class DeviceBusyError(DeviceAssignmentError):
+    """Another process (or this one) already holds the device or its group."""
+
+    exit_status = ExitStatus.DEVICE_BUSY
+
+
+class MemlockLimitError(DeviceAssignmentError):
+    """RLIMIT_MEMLOCK is below what pinning guest RAM for device DMA needs."""
+
+    exit_status = ExitStatus.MEMLOCK_LIMIT
+
+
+class VfioUnavailableError(DeviceAssignmentError):
+    """The kernel lacks the VFIO path asked for (no /dev/vfio/vfio, no /dev/iommu, no cdev)."""
+
+    exit_status = ExitStatus.NO_VFIO
