@@ -15,46 +15,19 @@ from typing import Any
 
 from pyvmm._native import ffi, lib
 from pyvmm.errors import KvmIoctlError, KvmUnavailableError
+from pyvmm.ioctl import Cdata, FileHandle, ioctl_result, trace
+from pyvmm.ioctl import ioctl as _ioctl
+from pyvmm.ioctl import ioctl_value as _ioctl_value
 
-Cdata = Any  # cffi cdata; cffi exposes no static type for it
-
-
-def _ioctl(fd: int, request: int, name: str, argument: Cdata = ffi.NULL) -> int:
-    result = lib.pyvmm_ioctl(fd, request, argument)
-    if result < 0:
-        raise KvmIoctlError(name, -result)
-    return result
-
-
-def _ioctl_value(fd: int, request: int, name: str, value: int = 0) -> int:
-    result = lib.pyvmm_ioctl_value(fd, request, value)
-    if result < 0:
-        raise KvmIoctlError(name, -result)
-    return result
+#: Names of KVM_DEV_VFIO_FILE attributes, for --trace.
+_VFIO_FILE_ATTRS = {
+    lib.KVM_DEV_VFIO_FILE_ADD: "KVM_DEV_VFIO_FILE_ADD",
+    lib.KVM_DEV_VFIO_FILE_DEL: "KVM_DEV_VFIO_FILE_DEL",
+}
+_DEVICE_TYPES = {lib.KVM_DEV_TYPE_VFIO: "KVM_DEV_TYPE_VFIO"}
 
 
-class _FileHandle:
-    """Owns one file descriptor; closing twice is harmless."""
-
-    fd: int
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def close(self) -> None:
-        """Close the file descriptor."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class Kvm(_FileHandle):
+class Kvm(FileHandle):
     """The system handle /dev/kvm: API version, capabilities, supported CPUID, VM creation."""
 
     def __init__(self, path: str = "/dev/kvm") -> None:
@@ -102,7 +75,13 @@ class Kvm(_FileHandle):
         count = 64
         while True:
             cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": count, "entries": count})
-            result = lib.pyvmm_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, cpuid)
+            result = ioctl_result(
+                self.fd,
+                lib.KVM_GET_SUPPORTED_CPUID,
+                "KVM_GET_SUPPORTED_CPUID",
+                cpuid,
+                f"nent={count}",
+            )
             if result == -errno.E2BIG and count < 4096:
                 count *= 2
                 continue
@@ -115,7 +94,7 @@ class Kvm(_FileHandle):
         return Vm(self, _ioctl_value(self.fd, lib.KVM_CREATE_VM, "KVM_CREATE_VM", 0))
 
 
-class Vm(_FileHandle):
+class Vm(FileHandle):
     """A VM fd: memory slots, irqchip and PIT, interrupt routing, eventfds, devices, vCPUs."""
 
     def __init__(self, kvm: Kvm, fd: int) -> None:
@@ -136,7 +115,16 @@ class Vm(_FileHandle):
                 "userspace_addr": host_address,
             },
         )
-        _ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", region)
+        _ioctl(
+            self.fd,
+            lib.KVM_SET_USER_MEMORY_REGION,
+            "KVM_SET_USER_MEMORY_REGION",
+            region,
+            lambda: (
+                f"slot={slot}, guest_phys_addr={guest_phys_addr:#x}, memory_size={size:#x}, "
+                f"userspace_addr={host_address:#x}"
+            ),
+        )
 
     def set_tss_addr(self, address: int) -> None:
         """Place the three pages Intel VMX needs for real-mode emulation (no-op on AMD)."""
@@ -174,7 +162,13 @@ class Vm(_FileHandle):
             for union_member, fields in entry.get("u", {}).items():
                 for field, value in fields.items():
                     setattr(getattr(target.u, union_member), field, value)
-        _ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, "KVM_SET_GSI_ROUTING", routing)
+        _ioctl(
+            self.fd,
+            lib.KVM_SET_GSI_ROUTING,
+            "KVM_SET_GSI_ROUTING",
+            routing,
+            lambda: f"nr={len(entries)}, msi gsis={[e['gsi'] for e in entries if e['type'] == 2]}",
+        )
 
     def irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
         """Inject GSI whenever eventfd is signalled; with resample_fd, as a level interrupt."""
@@ -182,7 +176,16 @@ class Vm(_FileHandle):
         if resample_fd is not None:
             request.flags = lib.KVM_IRQFD_FLAG_RESAMPLE
             request.resamplefd = resample_fd
-        _ioctl(self.fd, lib.KVM_IRQFD, "KVM_IRQFD", request)
+        _ioctl(
+            self.fd,
+            lib.KVM_IRQFD,
+            "KVM_IRQFD",
+            request,
+            lambda: (
+                f"fd={eventfd}, gsi={gsi}"
+                + (f", KVM_IRQFD_FLAG_RESAMPLE, resamplefd={resample_fd}" if resample_fd else "")
+            ),
+        )
 
     def irqfd_deassign(self, eventfd: int, gsi: int) -> None:
         """Undo irqfd() for this eventfd and GSI."""
@@ -190,7 +193,13 @@ class Vm(_FileHandle):
             "struct kvm_irqfd *",
             {"fd": eventfd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN},
         )
-        _ioctl(self.fd, lib.KVM_IRQFD, "KVM_IRQFD", request)
+        _ioctl(
+            self.fd,
+            lib.KVM_IRQFD,
+            "KVM_IRQFD",
+            request,
+            f"fd={eventfd}, gsi={gsi}, KVM_IRQFD_FLAG_DEASSIGN",
+        )
 
     def ioeventfd(
         self,
@@ -231,24 +240,47 @@ class Vm(_FileHandle):
     def create_device(self, device_type: int) -> KvmDevice:
         """Create an in-kernel device (KVM_CREATE_DEVICE), e.g. KVM_DEV_TYPE_VFIO."""
         request = ffi.new("struct kvm_create_device *", {"type": device_type})
-        _ioctl(self.fd, lib.KVM_CREATE_DEVICE, "KVM_CREATE_DEVICE", request)
+        _ioctl(
+            self.fd,
+            lib.KVM_CREATE_DEVICE,
+            "KVM_CREATE_DEVICE",
+            request,
+            lambda: f"type={_DEVICE_TYPES.get(device_type, device_type)}, out fd={request.fd}",
+        )
         return KvmDevice(request.fd)
 
     def create_vcpu(self, index: int) -> Vcpu:
         """Create vCPU number index and map its kvm_run area."""
         fd = _ioctl_value(self.fd, lib.KVM_CREATE_VCPU, "KVM_CREATE_VCPU", index)
+        trace(f"vCPU {index} is fd {fd}")
         return Vcpu(fd, index, self.kvm.vcpu_mmap_size())
 
 
-class KvmDevice(_FileHandle):
+class KvmDevice(FileHandle):
     """A device created with KVM_CREATE_DEVICE, programmed through device attributes."""
 
-    def set_attr(self, group: int, attr: int, address: int = 0) -> None:
+    def set_attr(self, group: int, attr: int, address: int = 0, detail: str = "") -> None:
         """KVM_SET_DEVICE_ATTR; address points to the attribute's argument."""
         request = ffi.new(
             "struct kvm_device_attr *", {"group": group, "attr": attr, "addr": address}
         )
-        _ioctl(self.fd, lib.KVM_SET_DEVICE_ATTR, "KVM_SET_DEVICE_ATTR", request)
+        _ioctl(
+            self.fd,
+            lib.KVM_SET_DEVICE_ATTR,
+            "KVM_SET_DEVICE_ATTR",
+            request,
+            detail or f"group={group}, attr={attr}, addr={address:#x}",
+        )
+
+    def vfio_file(self, attr: int, fd: int, path: str) -> None:
+        """KVM_DEV_VFIO_FILE_ADD or _DEL of a VFIO group or device cdev fd (KVM-VFIO device)."""
+        value = ffi.new("int32_t *", fd)
+        self.set_attr(
+            lib.KVM_DEV_VFIO_FILE,
+            attr,
+            int(ffi.cast("uintptr_t", value)),
+            f"fd {self.fd} kvm-vfio, KVM_DEV_VFIO_FILE, {_VFIO_FILE_ATTRS[attr]}, fd {fd} {path}",
+        )
 
     def has_attr(self, group: int, attr: int) -> bool:
         """KVM_HAS_DEVICE_ATTR: whether the device knows this attribute."""
@@ -256,7 +288,7 @@ class KvmDevice(_FileHandle):
         return lib.pyvmm_ioctl(self.fd, lib.KVM_HAS_DEVICE_ATTR, request) == 0
 
 
-class Vcpu(_FileHandle):
+class Vcpu(FileHandle):
     """A vCPU fd and its mmap'd struct kvm_run."""
 
     def __init__(self, fd: int, index: int, mmap_size: int) -> None:
