@@ -16,7 +16,7 @@ from cffi import FFI
 
 # setuptools wants source paths relative to the project root, where builds run.
 CSRC = Path(os.path.relpath(Path(__file__).resolve().parent / "csrc"))
-HEADERS = ("kvm_uapi.h", "pyvmm.h")
+HEADERS = ("kvm_uapi.h", "vfio_uapi.h", "pyvmm.h")
 SOURCES = ("runloop.c", "uart.c")
 
 _DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Z0-9_]*)[ \t]+\S", re.MULTILINE)

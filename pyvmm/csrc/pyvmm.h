@@ -9,6 +9,7 @@
 #define PYVMM_H
 
 #include "kvm_uapi.h"
+#include "vfio_uapi.h"
 
 /* cdef-begin */
 /* How a bus range is served. */
@@ -19,6 +20,17 @@ enum pyvmm_handler_kind {
 	PYVMM_HANDLER_POWEROFF = 3,   /* ACPI PM1a control: a write with SLP_EN ends the run, status 0 */
 	PYVMM_HANDLER_FD = 4,         /* pread/pwrite on .fd at .fd_offset + (address - base) */
 	PYVMM_HANDLER_BUFFER = 5,     /* host memory at .device: writes land there, reads come from it */
+	PYVMM_HANDLER_MSIX = 6,       /* an MSI-X table (struct pyvmm_msix_window in .device) inside
+				       * an fd-forwarded window: table reads come from the emulated
+				       * table, table writes land there and go to Python, the rest is
+				       * forwarded as with PYVMM_HANDLER_FD */
+};
+
+/* The emulated MSI-X table inside a trapped window of a BAR. */
+struct pyvmm_msix_window {
+	uint64_t table_offset;    /* from the window's base */
+	uint64_t table_size;      /* 16 bytes per vector */
+	uint8_t *table;
 };
 
 /* One claimed range of a port I/O or MMIO bus. */
@@ -29,9 +41,13 @@ struct pyvmm_range {
 	int32_t fd;
 	uint64_t fd_offset;
 	void *device;
+	uint64_t hits;            /* accesses served (all vCPUs; for --stats) */
 };
 
-/* A bus: ranges sorted by base, never overlapping (pyvmm/bus.py checks). */
+/*
+ * A bus: ranges sorted by base, never overlapping (pyvmm/bus.py checks). A bus that changes
+ * while vCPUs run (a guest moving a BAR) gets a new table, swapped into each loop's pointer.
+ */
 struct pyvmm_bus {
 	struct pyvmm_range *ranges;
 	uint32_t count;
@@ -84,6 +100,7 @@ struct pyvmm_vcpu_loop {
 	uint32_t error_in_device; /* the errno came from a forwarded fd, not from KVM_RUN */
 	uint64_t exits;           /* every exit from KVM_RUN */
 	uint64_t python_exits;    /* exits handed to Python */
+	uint64_t exit_reasons[32]; /* exits by KVM_EXIT_* reason (the last counts any above) */
 };
 
 int pyvmm_vcpu_run(struct pyvmm_vcpu_loop *loop);

@@ -44,7 +44,45 @@ static uint64_t load_le(const uint8_t *data, uint32_t size)
 	return value;
 }
 
-enum { SERVED = 0 };
+/* SERVED: done; TO_PYTHON: served, but Python must see it (an MSI-X table write). */
+enum { SERVED = 0, TO_PYTHON = -1 };
+
+static int forward(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *range,
+		   uint64_t offset, uint8_t *data, uint32_t size, int is_write)
+{
+	ssize_t done;
+
+	if (is_write)
+		done = pwrite(range->fd, data, size, range->fd_offset + offset);
+	else
+		done = pread(range->fd, data, size, range->fd_offset + offset);
+	if (done == (ssize_t)size)
+		return SERVED;
+	loop->error = done < 0 ? errno : EIO;
+	loop->error_in_device = 1;
+	loop->access_offset = offset;
+	return PYVMM_STOP_ERROR;
+}
+
+/*
+ * The MSI-X table is the VMM's (the guest's address/data become KVM routes), so it is
+ * emulated here; everything else in the window (the PBA, registers sharing the table's page)
+ * goes to the device.
+ */
+static int serve_msix(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *range,
+		      uint64_t offset, uint8_t *data, uint32_t size, int is_write)
+{
+	const struct pyvmm_msix_window *msix = range->device;
+
+	if (offset < msix->table_offset || offset - msix->table_offset + size > msix->table_size)
+		return forward(loop, range, offset, data, size, is_write);
+	if (!is_write) {
+		memcpy(data, msix->table + (offset - msix->table_offset), size);
+		return SERVED;
+	}
+	memcpy(msix->table + (offset - msix->table_offset), data, size);
+	return TO_PYTHON;
+}
 
 /*
  * Serve one item of an access natively. Returns SERVED, or a pyvmm_stop reason that ends
@@ -55,8 +93,8 @@ static int serve_native(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *
 {
 	uint64_t offset = address - range->base;
 	uint64_t inside;
-	ssize_t done;
 
+	__atomic_fetch_add(&((struct pyvmm_range *)range)->hits, 1, __ATOMIC_RELAXED);
 	switch (range->kind) {
 	case PYVMM_HANDLER_UART:
 		pyvmm_uart_io(range->device, offset, data, size, is_write);
@@ -88,16 +126,9 @@ static int serve_native(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *
 		}
 		return SERVED;
 	case PYVMM_HANDLER_FD:
-		if (is_write)
-			done = pwrite(range->fd, data, size, range->fd_offset + offset);
-		else
-			done = pread(range->fd, data, size, range->fd_offset + offset);
-		if (done == (ssize_t)size)
-			return SERVED;
-		loop->error = done < 0 ? errno : EIO;
-		loop->error_in_device = 1;
-		loop->access_offset = offset;
-		return PYVMM_STOP_ERROR;
+		return forward(loop, range, offset, data, size, is_write);
+	case PYVMM_HANDLER_MSIX:
+		return serve_msix(loop, range, offset, data, size, is_write);
 	}
 	loop->error = EINVAL;
 	return PYVMM_STOP_ERROR;
@@ -142,14 +173,17 @@ static int handle_io(struct pyvmm_vcpu_loop *loop)
 	if (!range)
 		return unclaimed(loop, &loop->unclaimed_pio, run->io.port, data,
 				 run->io.size * run->io.count, is_write);
-	if (range->kind == PYVMM_HANDLER_PYTHON)
+	if (range->kind == PYVMM_HANDLER_PYTHON) {
+		__atomic_fetch_add(&((struct pyvmm_range *)range)->hits, 1, __ATOMIC_RELAXED);
 		return to_python(loop, index, run->io.port - range->base, 0, is_write,
 				 run->io.size, run->io.count, run->io.data_offset);
+	}
 	/* String I/O (rep ins/outs) arrives as count items back to back. */
 	for (item = 0; item < run->io.count; item++) {
 		int stop = serve_native(loop, range, run->io.port, data + item * run->io.size,
 					run->io.size, is_write);
-		if (stop != SERVED)
+		/* TO_PYTHON cannot happen here: an MSI-X table lives in a memory BAR. */
+		if (stop != SERVED && stop != TO_PYTHON)
 			return stop;
 	}
 	return SERVED;
@@ -160,16 +194,22 @@ static int handle_mmio(struct pyvmm_vcpu_loop *loop)
 	struct kvm_run *run = loop->run;
 	uint32_t index;
 	const struct pyvmm_range *range = bus_find(loop->mmio, run->mmio.phys_addr, &index);
+	int stop;
 
 	if (!range)
 		return unclaimed(loop, &loop->unclaimed_mmio, run->mmio.phys_addr,
 				 run->mmio.data, run->mmio.len, run->mmio.is_write);
-	if (range->kind == PYVMM_HANDLER_PYTHON)
-		return to_python(loop, index, run->mmio.phys_addr - range->base, 1,
-				 run->mmio.is_write, run->mmio.len, 1,
-				 (uint32_t)((uint8_t *)run->mmio.data - (uint8_t *)run));
-	return serve_native(loop, range, run->mmio.phys_addr, run->mmio.data, run->mmio.len,
-			    run->mmio.is_write);
+
+	if (range->kind != PYVMM_HANDLER_PYTHON) {
+		stop = serve_native(loop, range, run->mmio.phys_addr, run->mmio.data,
+				    run->mmio.len, run->mmio.is_write);
+		if (stop != TO_PYTHON)
+			return stop;
+	} else {
+		__atomic_fetch_add(&((struct pyvmm_range *)range)->hits, 1, __ATOMIC_RELAXED);
+	}
+	return to_python(loop, index, run->mmio.phys_addr - range->base, 1, run->mmio.is_write,
+			 run->mmio.len, 1, (uint32_t)((uint8_t *)run->mmio.data - (uint8_t *)run));
 }
 
 static void ignore_kick(int signum)
@@ -216,6 +256,7 @@ int pyvmm_vcpu_run(struct pyvmm_vcpu_loop *loop)
 			return PYVMM_STOP_ERROR;
 		}
 		loop->exits++;
+		loop->exit_reasons[run->exit_reason < 31 ? run->exit_reason : 31]++;
 		switch (run->exit_reason) {
 		case KVM_EXIT_IO:
 			stop = handle_io(loop);
