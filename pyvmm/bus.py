@@ -3,7 +3,9 @@
 A bus is a set of non-overlapping ranges, each served either natively by the C run loop (UART,
 debug exit, power-off, forwarding to a file descriptor) or by a Python callable. Ranges are
 registered while the machine is built; ``compile()`` then lays them out as the sorted C array
-that the run loop searches on every exit.
+that the run loop searches on every exit. A range added or removed while vCPUs run (a guest
+moving a BAR) gives a new table, which every watching vCPU loop is pointed at in one store;
+old tables stay alive until the bus goes, since a vCPU may still be searching one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class NativeHandler:
     fd_offset: int = 0
     device: Any = ffi.NULL
     keep: Any = None  #: keeps the memory behind device alive as long as the range
+    #: Called like a PythonHandler for the accesses the C side hands back (MSI-X table writes).
+    python: PythonHandler | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class Bus:
         self.ranges: list[BusRange] = []
         self._table: Any = None
         self._bus: Any = None
+        self._retired: list[Any] = []
+        self._counts: dict[tuple[int, str], int] = {}
+        #: Callbacks run with the new struct pyvmm_bus * whenever the table is rebuilt.
+        self.watchers: list[Callable[[Any], None]] = []
 
     def add(
         self, base: int, length: int, handler: NativeHandler | PythonHandler, name: str = ""
@@ -76,7 +84,40 @@ class Bus:
                 )
         self.ranges.append(new)
         self.ranges.sort(key=lambda r: r.base)
+        self._changed()
+
+    def remove(self, base: int) -> None:
+        """Release the range that starts at base."""
+        claimed = [r for r in self.ranges if r.base == base]
+        if not claimed:
+            raise ConfigurationError(f"{self.name}: no range starts at {base:#x}")
+        self._save_counts()
+        self.ranges.remove(claimed[0])
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._bus is None:
+            return
+        self._save_counts()
+        self._retired.append((self._table, self._bus))
         self._bus = None
+        if self.watchers:
+            compiled = self.compile()
+            for watcher in self.watchers:
+                watcher(compiled)
+
+    def _save_counts(self) -> None:
+        if self._table is None:
+            return
+        for entry, claimed in zip(self._table, self._compiled_ranges, strict=False):
+            key = (claimed.base, claimed.name)
+            self._counts[key] = self._counts.get(key, 0) + entry.hits
+            entry.hits = 0
+
+    def hits(self) -> dict[tuple[int, str], int]:
+        """Accesses served per (base, name) of every range this bus has held, for --stats."""
+        self._save_counts()
+        return {key: count for key, count in self._counts.items() if count}
 
     def add_fd(self, base: int, length: int, fd: int, fd_offset: int = 0, name: str = "") -> None:
         """Forward accesses to fd with pread/pwrite at fd_offset + (address - base), natively."""
@@ -104,8 +145,11 @@ class Bus:
         return None
 
     def python_handlers(self) -> list[PythonHandler | None]:
-        """Per range index of the compiled table: the Python handler, or None if native."""
-        return [None if isinstance(r.handler, NativeHandler) else r.handler for r in self.ranges]
+        """Per range index of the compiled table: the Python handler (None: native only)."""
+        return [
+            r.handler.python if isinstance(r.handler, NativeHandler) else r.handler
+            for r in self.ranges
+        ]
 
     def compile(self) -> Any:
         """Return a struct pyvmm_bus * for the run loop (valid while this Bus lives)."""
@@ -123,5 +167,6 @@ class Bus:
                 else:
                     entry.kind = lib.PYVMM_HANDLER_PYTHON
             self._table = table
+            self._compiled_ranges = list(self.ranges)
             self._bus = ffi.new("struct pyvmm_bus *", {"ranges": table, "count": len(self.ranges)})
         return self._bus

@@ -63,8 +63,10 @@ class VcpuRunner:
         loop.mmio = mmio.compile()
         loop.stop = stop_flag
         loop.fail_on_unclaimed = int(fail_on_unclaimed)
-        self._handlers = (pio.python_handlers(), mmio.python_handlers())
+        self._handlers = [pio.python_handlers(), mmio.python_handlers()]
         self._buses = (pio, mmio)
+        pio.watchers.append(self._pio_changed)
+        mmio.watchers.append(self._mmio_changed)
         self._loop_bytes = ffi.buffer(loop)
         # The whole kvm_run page as one memoryview: handler views are slices of it. The data
         # of an exit sits at a handful of fixed places, so the slices are made once.
@@ -110,6 +112,20 @@ class VcpuRunner:
             if view is None:
                 view = self._views[at, size] = self._page[at : at + size]
             handler(offset, view, is_write == 1)
+
+    def _pio_changed(self, compiled: Any) -> None:
+        # Handlers first: the loop can only hand back indexes of the table it searches.
+        self._handlers[0] = self._buses[0].python_handlers()
+        self.loop.pio = compiled
+
+    def _mmio_changed(self, compiled: Any) -> None:
+        self._handlers[1] = self._buses[1].python_handlers()
+        self.loop.mmio = compiled
+
+    def detach(self) -> None:
+        """Stop following bus changes (the run is over)."""
+        self._buses[0].watchers.remove(self._pio_changed)
+        self._buses[1].watchers.remove(self._mmio_changed)
 
     def access_range_name(self) -> str:
         """Name of the range of the last Python-handled access."""

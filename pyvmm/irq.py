@@ -1,0 +1,126 @@
+"""Interrupt routing on the in-kernel irqchip: GSI routes and eventfd-driven vectors.
+
+KVM_SET_GSI_ROUTING replaces the whole table, so ``GsiRouting`` keeps it: the PC's default
+routes (GSIs 0-15 to the 8259s and the IOAPIC, 16-23 to the IOAPIC, as KVM sets them up at
+KVM_CREATE_IRQCHIP) plus one MSI route per device vector, each on a GSI of its own from 24 up.
+An ``MsiVector`` is one device interrupt message: an eventfd that VFIO signals and a KVM irqfd
+that turns each signal into the MSI its route describes, with no exit to userspace.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyvmm._native import lib
+from pyvmm.kvm import Vm
+
+IOAPIC_PINS = 24
+PIC_PINS = 16
+FIRST_MSI_GSI = IOAPIC_PINS
+
+
+class GsiRouting:
+    """The VM's GSI routing table: the irqchip defaults and the MSI routes of devices."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.msi: dict[int, tuple[int, int]] = {}
+        self._free: list[int] = []
+        self._next = FIRST_MSI_GSI
+
+    def _entries(self) -> list[dict]:
+        entries = []
+        for gsi in range(IOAPIC_PINS):
+            entries.append(
+                {
+                    "gsi": gsi,
+                    "type": lib.KVM_IRQ_ROUTING_IRQCHIP,
+                    "u": {"irqchip": {"irqchip": lib.KVM_IRQCHIP_IOAPIC, "pin": gsi}},
+                }
+            )
+            if gsi < PIC_PINS:
+                chip = lib.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
+                entries.append(
+                    {
+                        "gsi": gsi,
+                        "type": lib.KVM_IRQ_ROUTING_IRQCHIP,
+                        "u": {"irqchip": {"irqchip": chip, "pin": gsi % 8}},
+                    }
+                )
+        for gsi, (address, data) in sorted(self.msi.items()):
+            entries.append(
+                {
+                    "gsi": gsi,
+                    "type": lib.KVM_IRQ_ROUTING_MSI,
+                    "u": {
+                        "msi": {
+                            "address_lo": address & 0xFFFFFFFF,
+                            "address_hi": address >> 32,
+                            "data": data,
+                        }
+                    },
+                }
+            )
+        return entries
+
+    def add_msi(self, address: int, data: int) -> int:
+        """Route a new GSI to the MSI (address, data); returns the GSI."""
+        gsi = self._free.pop() if self._free else self._next
+        if gsi == self._next:
+            self._next += 1
+        self.msi[gsi] = (address, data)
+        self.commit()
+        return gsi
+
+    def set_msi(self, gsi: int, address: int, data: int) -> None:
+        """Point an MSI GSI at a new (address, data), as the guest reprogrammed it."""
+        if self.msi.get(gsi) != (address, data):
+            self.msi[gsi] = (address, data)
+            self.commit()
+
+    def remove_msi(self, gsi: int) -> None:
+        """Drop an MSI route and recycle its GSI."""
+        if self.msi.pop(gsi, None) is not None:
+            self._free.append(gsi)
+            self.commit()
+
+    def commit(self) -> None:
+        """Hand the whole table to KVM (KVM_SET_GSI_ROUTING)."""
+        self.vm.set_gsi_routing(self._entries())
+
+
+class MsiVector:
+    """One MSI or MSI-X vector: an eventfd for VFIO, an irqfd into KVM on its own GSI.
+
+    Masking detaches the irqfd: signals then wait in the eventfd's counter, and the irqfd
+    delivers them when it is attached again on unmask, as a pending bit would.
+    """
+
+    def __init__(self, vm: Vm, routing: GsiRouting, address: int, data: int) -> None:
+        self.vm = vm
+        self.routing = routing
+        self.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.gsi = routing.add_msi(address, data)
+        self.attached = False
+
+    def route(self, address: int, data: int) -> None:
+        """Follow the guest's new message address and data."""
+        self.routing.set_msi(self.gsi, address, data)
+
+    def set_masked(self, masked: bool) -> None:
+        """Attach (unmasked) or detach (masked) the irqfd."""
+        if masked and self.attached:
+            self.vm.irqfd_deassign(self.eventfd, self.gsi)
+            self.attached = False
+        elif not masked and not self.attached:
+            self.vm.irqfd(self.eventfd, self.gsi)
+            self.attached = True
+
+    def close(self) -> None:
+        """Detach, drop the route, close the eventfd."""
+        if self.eventfd < 0:
+            return
+        self.set_masked(True)
+        self.routing.remove_msi(self.gsi)
+        os.close(self.eventfd)
+        self.eventfd = -1
