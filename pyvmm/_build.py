@@ -19,7 +19,7 @@ CSRC = Path(os.path.relpath(Path(__file__).resolve().parent / "csrc"))
 HEADERS = ("kvm_uapi.h", "vfio_uapi.h", "pyvmm.h")
 SOURCES = ("runloop.c", "uart.c")
 
-_DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Z0-9_]*)[ \t]+\S", re.MULTILINE)
+_DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Za-z0-9_]*)[ \t]+\S", re.MULTILINE)
 _CDEF_BLOCK = re.compile(r"/\* cdef-begin \*/(.*?)/\* cdef-end \*/", re.DOTALL)
 
 

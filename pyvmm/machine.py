@@ -19,15 +19,21 @@ from typing import Any
 
 import numpy as np
 
+from pyvmm import hostdev
 from pyvmm._native import ffi, lib
+from pyvmm.assign import VfioAssignments
 from pyvmm.bus import Bus, PythonHandler
 from pyvmm.devices.debug_exit import add_debug_exit
 from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
+from pyvmm.devices.vfio_pci import VfioPciDevice
 from pyvmm.errors import ConfigurationError, ExitStatus
+from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm, Vcpu
 from pyvmm.loader import LoadedImage, load_elf
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import GuestMemory, MemorySlots
+from pyvmm.pci.host import PciBus
+from pyvmm.pci.resources import PciResources
 from pyvmm.result import RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import KICK_SIGNAL, VcpuRunner, VcpuStop
 from pyvmm.x86 import (
@@ -71,6 +77,9 @@ class Machine:
         self.memory: GuestMemory | None = None
         self._ran = False
         self._closers: list[Any] = []
+        self.pci: PciBus | None = None
+        self.assigned: list[VfioPciDevice] = []
+        self._vfio: VfioAssignments | None = None
         try:
             self.kvm = Kvm(kvm_path)
             self._closers.append(self.kvm.close)
@@ -97,6 +106,66 @@ class Machine:
             self.vm.set_user_memory_region(
                 slot, region.guest_phys_addr, region.size, region.host_address
             )
+        self.memory_slots = MemorySlots(len(self.memory.regions))
+
+    def enable_irqchip(self) -> None:
+        """Create the in-kernel irqchip and PIT now, if the machine has none (before run)."""
+        if self.irqchip:
+            return
+        if self.vcpus:
+            raise ConfigurationError("the irqchip must exist before the vCPUs: call before run()")
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.irqchip = True
+        lib.pyvmm_uart_set_vm_fd(self.serial.uart, self.vm.fd)
+
+    def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
+        """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.
+
+        device is a PCI address (0000:00:02.0), a sysfs path or an mdev UUID; vfio is "cdev"
+        (iommufd), "group" (container/group) or "auto" (cdev where the kernel has it). With
+        mmap=False every BAR access is trapped (served in C) instead of mapped into the guest.
+        Turns on the in-kernel irqchip: interrupts arrive through irqfds.
+        """
+        if self._ran:
+            raise ConfigurationError("assign devices before run()")
+        host = hostdev.find_device(device)
+        self.enable_irqchip()
+        if self._vfio is None:
+            self._vfio = VfioAssignments(self.vm, self.memory)
+            self._closers.append(self._vfio.close)
+            self.pci = PciBus(self.pio, self.mmio)
+            self._routing = GsiRouting(self.vm)
+            self._resources = PciResources(self.memory.top)
+        opened = self._vfio.open(host, vfio)
+        slot = self.pci.next_free_slot()
+        try:
+            assigned = VfioPciDevice(
+                opened.device,
+                slot,
+                vm=self.vm,
+                pio=self.pio,
+                mmio=self.mmio,
+                routing=self._routing,
+                slots=self.memory_slots,
+                resources=self._resources,
+                mmap_bars=mmap,
+            )
+        except BaseException:
+            self._vfio.opened.remove(opened)
+            opened.close()
+            raise
+
+        def release() -> None:
+            assigned.close()
+            if opened in self._vfio.opened:
+                self._vfio.opened.remove(opened)
+                opened.close()
+
+        self._closers.append(release)
+        self.pci.add(slot, assigned)
+        self.assigned.append(assigned)
+        return assigned
 
     def load(self, path: str | Path, mode: CpuMode | str | None = None) -> LoadedImage:
         """Load an ELF guest; mode defaults to long for ELF64 and protected for ELF32."""

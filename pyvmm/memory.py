@@ -155,3 +155,22 @@ class GuestMemory:
             except BufferError:
                 pass  # a caller still holds a view: the mapping goes when that view does
         self.regions = []
+
+
+class MemorySlots:
+    """KVM memory slot numbers: RAM takes the first, assigned devices' BARs the rest."""
+
+    def __init__(self, first_free: int) -> None:
+        self._next = first_free
+        self._free: list[int] = []
+
+    def allocate(self) -> int:
+        """A slot number nothing uses."""
+        if self._free:
+            return self._free.pop()
+        self._next += 1
+        return self._next - 1
+
+    def release(self, slot: int) -> None:
+        """Give back a slot whose region was deleted."""
+        self._free.append(slot)

@@ -19,7 +19,7 @@ import pyvmm
 from pyvmm._native import ffi, lib
 
 UAPI_H = Path(pyvmm.__file__).resolve().parent / "csrc" / "kvm_uapi.h"
-_DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Z0-9_]*)[ \t]+\S", re.MULTILINE)
+_DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Za-z0-9_]*)[ \t]+\S", re.MULTILINE)
 _STRUCT = re.compile(r"^struct[ \t]+(\w+)[ \t]*\{", re.MULTILINE)
 PRELUDE = "#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n"
 MASK64 = (1 << 64) - 1

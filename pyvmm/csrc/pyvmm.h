@@ -119,6 +119,8 @@ int pyvmm_ioctl_value(int fd, unsigned long request, unsigned long argument);
 /* The 16550A UART: state is private to uart.c. */
 struct pyvmm_uart;
 struct pyvmm_uart *pyvmm_uart_new(int out_fd, int vm_fd, uint32_t irq);
+/* Wire the IRQ once an in-kernel irqchip exists (vm_fd < 0: no IRQ). */
+void pyvmm_uart_set_vm_fd(struct pyvmm_uart *uart, int vm_fd);
 void pyvmm_uart_free(struct pyvmm_uart *uart);
 void pyvmm_uart_push_input(struct pyvmm_uart *uart, const uint8_t *bytes, uint32_t length);
 int pyvmm_uart_flush(struct pyvmm_uart *uart);

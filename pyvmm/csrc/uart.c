@@ -54,6 +54,11 @@ struct pyvmm_uart {
 	uint64_t bytes_out;
 };
 
+void pyvmm_uart_set_vm_fd(struct pyvmm_uart *uart, int vm_fd)
+{
+	uart->vm_fd = vm_fd;
+}
+
 struct pyvmm_uart *pyvmm_uart_new(int out_fd, int vm_fd, uint32_t irq)
 {
 	struct pyvmm_uart *uart = calloc(1, sizeof(*uart));

@@ -1,0 +1,271 @@
+"""Opening host devices for a VM on either VFIO path, with kvm registered before every open.
+
+One ``VfioAssignments`` per VM owns what the devices share: the VM's KVM-VFIO device, and the
+DMA context that maps guest RAM at IOVA = guest-physical address.
+
+Group path (any kernel with VFIO):
+    open /dev/vfio/vfio (container), open /dev/vfio/N, GROUP_GET_STATUS (viable?),
+    KVM_DEV_VFIO_FILE_ADD(group), GROUP_SET_CONTAINER, SET_IOMMU(type1v2), IOMMU_MAP_DMA per
+    RAM region, GROUP_GET_DEVICE_FD.
+Cdev path (Linux 6.6+, CONFIG_VFIO_DEVICE_CDEV and CONFIG_IOMMUFD):
+    open /dev/iommu, IOAS_ALLOC, IOAS_MAP per RAM region, open /dev/vfio/devices/vfioN,
+    KVM_DEV_VFIO_FILE_ADD(cdev), VFIO_DEVICE_BIND_IOMMUFD, ATTACH_IOMMUFD_PT(ioas).
+
+Teardown is the reverse, whatever ended the run. On the group path the device fd closes
+before FILE_DEL. On the cdev path the cdev fd is the device: pyvmm detaches it from the IOAS
+(DMA stops), then FILE_DEL drops KVM's reference to the file, and the close that follows is
+what releases the device.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyvmm import hostdev
+from pyvmm.errors import (
+    ConfigurationError,
+    DeviceBusyError,
+    DevicePermissionError,
+    GroupNotViableError,
+    MemlockLimitError,
+    VfioUnavailableError,
+)
+from pyvmm.ioctl import open_node
+from pyvmm.iommufd import Iommufd
+from pyvmm.kvm import Vm
+from pyvmm.memory import MIB, GuestMemory
+from pyvmm.vfio import (
+    KvmVfioDevice,
+    VfioContainer,
+    VfioDevice,
+    VfioDeviceCdev,
+    VfioGroup,
+    VfioIoctlError,
+    VfioRegistration,
+)
+
+CONTAINER_PATH = "/dev/vfio/vfio"
+IOMMUFD_PATH = "/dev/iommu"
+CAP_IPC_LOCK = 14
+VFIO_PATHS = ("auto", "cdev", "group")
+
+
+def _open_or_explain(path: str, what: str) -> int:
+    """Open a VFIO node, turning the usual failures into one-line errors with the fix."""
+    try:
+        return open_node(path)
+    except FileNotFoundError:
+        raise VfioUnavailableError(
+            f"{path} does not exist: the kernel lacks {what} (modprobe vfio-pci"
+            f"{' iommufd' if 'iommu' in path else ''}), or the device is not bound to vfio-pci"
+        ) from None
+    except PermissionError:
+        raise DevicePermissionError(
+            f"permission denied opening {path}: run as root, or give your user the node "
+            f"(chown $USER {path})"
+        ) from None
+    except OSError as error:
+        if error.errno == errno.EBUSY:
+            raise DeviceBusyError(
+                f"{path} is busy: another process (a VMM?) holds {what}; stop it first"
+            ) from None
+        raise VfioUnavailableError(f"cannot open {path}: {error.strerror}") from None
+
+
+def _has_ipc_lock() -> bool:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    return False
+
+
+def check_memlock(memory: GuestMemory) -> None:
+    """Fail early, with the fix, when pinning guest RAM for DMA would exceed RLIMIT_MEMLOCK."""
+    if _has_ipc_lock():
+        return  # CAP_IPC_LOCK (root has it) lifts the limit for both VFIO paths
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY or soft >= memory.size:
+        return
+    need_kib = (memory.size + 64 * MIB) // 1024
+    raise MemlockLimitError(
+        f"RLIMIT_MEMLOCK is {soft // 1024} KiB, but device DMA pins all {memory.size // MIB} MiB "
+        f"of guest RAM: raise it to at least {need_kib} KiB (ulimit -l {need_kib}, or memlock "
+        f"in /etc/security/limits.conf), or run as root"
+    )
+
+
+@dataclass
+class OpenedDevice:
+    """A device opened for a VM, and the steps that release it, in order."""
+
+    device: VfioDevice
+    path: str  #: "group" or "cdev"
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Release the device: device fd, FILE_DEL, then its group or cdev."""
+        self.device.close()
+        while self.closers:
+            self.closers.pop(0)()
+
+
+class VfioAssignments:
+    """The VFIO state a VM's devices share, and the opening of each device."""
+
+    def __init__(self, vm: Vm, memory: GuestMemory) -> None:
+        self.vm = vm
+        self.memory = memory
+        self.kvm_vfio: KvmVfioDevice | None = None
+        self.container: VfioContainer | None = None
+        self.groups: dict[int, tuple[VfioGroup, VfioRegistration, list[str]]] = {}
+        self.iommufd: Iommufd | None = None
+        self.ioas: int | None = None
+        self.opened: list[OpenedDevice] = []
+
+    def _kvm_vfio(self) -> KvmVfioDevice:
+        if self.kvm_vfio is None:
+            self.kvm_vfio = KvmVfioDevice(self.vm)
+        return self.kvm_vfio
+
+    def open(self, host: hostdev.HostDevice, path: str = "auto") -> OpenedDevice:
+        """Open a host device for this VM on the group or cdev path (auto: cdev if possible)."""
+        if path not in VFIO_PATHS:
+            raise ConfigurationError(f"--vfio {path}: use one of {', '.join(VFIO_PATHS)}")
+        hostdev.check_bound(host)
+        cdev = hostdev.cdev_node(host)
+        if path == "auto":
+            path = "cdev" if cdev is not None and os.path.exists(IOMMUFD_PATH) else "group"
+        check_memlock(self.memory)
+        if path == "cdev":
+            if cdev is None:
+                raise VfioUnavailableError(
+                    f"{host.name} has no VFIO device cdev (no vfio-dev in sysfs): the kernel "
+                    "lacks CONFIG_VFIO_DEVICE_CDEV; use --vfio group"
+                )
+            opened = self._open_cdev(host, str(cdev))
+        else:
+            opened = self._open_group(host)
+        self.opened.append(opened)
+        return opened
+
+    # ---- group path ----------------------------------------------------------------------
+    def _ensure_container(self) -> VfioContainer:
+        if self.container is None:
+            self.container = VfioContainer(CONTAINER_PATH, _open_or_explain(CONTAINER_PATH, "VFIO"))
+            self.container.get_api_version()
+            if not self.container.check_extension(3):
+                raise VfioUnavailableError("the VFIO container lacks the type1v2 IOMMU driver")
+        return self.container
+
+    def _open_group(self, host: hostdev.HostDevice) -> OpenedDevice:
+        if host.iommu_group is None:
+            raise VfioUnavailableError(f"{host.name} has no IOMMU group: enable the IOMMU")
+        number = host.iommu_group
+        if number not in self.groups:
+            container = self._ensure_container()
+            hostdev.check_viable(host)
+            node = str(host.group_node)
+            group = VfioGroup(node, _open_or_explain(node, f"IOMMU group {number}"))
+            try:
+                if not group.get_status() & 1:
+                    raise GroupNotViableError(
+                        f"IOMMU group {number} is not viable: bind every device in "
+                        f"/sys/kernel/iommu_groups/{number}/devices to vfio-pci (pyvmm devices)"
+                    )
+                registration = self._kvm_vfio().add_file(group)
+            except BaseException:
+                group.close()
+                raise
+            self.groups[number] = (group, registration, [])
+            first = len(self.groups) == 1
+            group.set_container(container)
+            if first:
+                container.set_iommu()
+                for region in self.memory.regions:
+                    container.map_dma(region.host_address, region.guest_phys_addr, region.size)
+        group, registration, users = self.groups[number]
+        try:
+            device = registration.open_device(host.name)
+        except VfioIoctlError as error:
+            if error.errno == errno.EBUSY:
+                raise DeviceBusyError(f"{host.name} is already open: {error.message}") from None
+            raise
+        users.append(host.name)
+        return OpenedDevice(device, "group", [lambda: self._release_group(number, host.name)])
+
+    def _release_group(self, number: int, name: str) -> None:
+        group, registration, users = self.groups[number]
+        users.remove(name)
+        if users:
+            return
+        registration.close()
+        group.unset_container()
+        group.close()
+        del self.groups[number]
+
+    # ---- cdev path -----------------------------------------------------------------------
+    def _ensure_ioas(self) -> tuple[Iommufd, int]:
+        if self.iommufd is None:
+            self.iommufd = Iommufd(IOMMUFD_PATH, _open_or_explain(IOMMUFD_PATH, "iommufd"))
+            self.ioas = self.iommufd.ioas_alloc()
+            for region in self.memory.regions:
+                self.iommufd.ioas_map(
+                    self.ioas, region.host_address, region.size, region.guest_phys_addr
+                )
+        return self.iommufd, self.ioas
+
+    def _open_cdev(self, host: hostdev.HostDevice, node: str) -> OpenedDevice:
+        iommufd, ioas = self._ensure_ioas()
+        cdev = VfioDeviceCdev(node, _open_or_explain(node, f"the device {host.name}"))
+        try:
+            registration = self._kvm_vfio().add_file(cdev)
+        except BaseException:
+            cdev.close()
+            raise
+        try:
+            device = registration.open_device(host.name, iommufd.fd)
+        except VfioIoctlError as error:
+            registration.close()
+            cdev.close()
+            if error.errno in (errno.EBUSY, errno.EINVAL):
+                raise DeviceBusyError(
+                    f"{host.name}: {error.message} (it is in use by another process, or its "
+                    "driver refused to open)"
+                ) from None
+            raise
+        cdev.attach_iommufd_pt(ioas)
+
+        def release() -> None:
+            cdev.detach_iommufd_pt()
+            registration.close()
+            cdev.close()
+
+        return OpenedDevice(device, "cdev", [release])
+
+    # ---- teardown ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release every device, then the DMA contexts and the KVM-VFIO device."""
+        while self.opened:
+            self.opened.pop().close()
+        if self.container is not None:
+            for region in self.memory.regions:
+                try:
+                    self.container.unmap_dma(region.guest_phys_addr, region.size)
+                except VfioIoctlError:
+                    break  # nothing was mapped: no group ever joined
+            self.container.close()
+            self.container = None
+        if self.iommufd is not None:
+            for region in self.memory.regions:
+                self.iommufd.ioas_unmap(self.ioas, region.guest_phys_addr, region.size)
+            self.iommufd.destroy(self.ioas)
+            self.iommufd.close()
+            self.iommufd = None
+        if self.kvm_vfio is not None:
+            self.kvm_vfio.close()
+            self.kvm_vfio = None
