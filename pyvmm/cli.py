@@ -12,6 +12,8 @@ import sys
 
 from pyvmm.errors import ExitStatus, PyvmmError
 from pyvmm.guests import guest_path
+from pyvmm.hostcli import add_parsers as add_device_parsers
+from pyvmm.ioctl import trace_to
 from pyvmm.x86 import CpuMode
 
 _STATUSES = "\n".join(
@@ -53,6 +55,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop the guest at its first access to an unclaimed port or MMIO address",
     )
+    run.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="DEV",
+        help="assign a host device through VFIO: PCI address (0000:00:02.0), sysfs path or "
+        "mdev UUID (repeatable; turns on --irqchip)",
+    )
+    run.add_argument(
+        "--vfio",
+        choices=("auto", "cdev", "group"),
+        default="auto",
+        help="VFIO path: cdev (device cdev + iommufd), group (container/group), or auto "
+        "(cdev where the kernel has it; the default)",
+    )
+    run.add_argument(
+        "--no-mmap",
+        action="store_true",
+        help="trap every BAR access (served in C) instead of mapping BARs into the guest",
+    )
+    run.add_argument(
+        "--trace",
+        action="store_true",
+        help="print every KVM, VFIO and iommufd ioctl pyvmm issues on stderr, in order",
+    )
+    run.add_argument(
+        "--stats",
+        action="store_true",
+        help="print exits by reason and accesses by port/MMIO range at the end, on stderr",
+    )
+    add_device_parsers(commands)
     return parser
 
 
@@ -70,15 +103,19 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.serial == "capture":
         raise PyvmmError("--serial capture is for the Python API: use stdio, file:PATH or none")
+    if args.trace:
+        trace_to(sys.stderr)
     with Machine(
         memory=args.memory,
         cpus=args.cpus,
         serial=args.serial,
-        irqchip=args.irqchip,
+        irqchip=args.irqchip or bool(args.device),
         fail_on_unclaimed=args.fail_on_unclaimed,
         kvm_path=args.kvm_device,
     ) as machine:
         machine.load(guest_path(args.guest), args.mode)
+        for device in args.device:
+            machine.assign(device, vfio=args.vfio, mmap=not args.no_mmap)
         if args.serial == "stdio" and _is_open(0):
             machine.serial.start_input(0)
         result = machine.run(timeout=args.timeout)
@@ -87,6 +124,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"pyvmm: {result.message}", file=sys.stderr)
         if result.registers:
             print(result.registers, file=sys.stderr)
+    if args.stats:
+        for line in result.stats_lines():
+            print(f"pyvmm: stats: {line}", file=sys.stderr)
     if result.outcome != "unclaimed":
         for space, record in (("port", result.unclaimed_pio), ("MMIO", result.unclaimed_mmio)):
             if record.count:
@@ -98,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the pyvmm console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "run":
+            return args.func(args)
         return run_command(args)
     except PyvmmError as error:
         print(f"pyvmm: {error.message}", file=sys.stderr)

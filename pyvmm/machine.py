@@ -22,7 +22,7 @@ import numpy as np
 from pyvmm import hostdev
 from pyvmm._native import ffi, lib
 from pyvmm.assign import VfioAssignments
-from pyvmm.bus import Bus, PythonHandler
+from pyvmm.bus import Bus, NativeHandler, PythonHandler
 from pyvmm.devices.debug_exit import add_debug_exit
 from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
@@ -34,7 +34,7 @@ from pyvmm.loader import LoadedImage, load_elf
 from pyvmm.memory import GuestMemory, MemorySlots
 from pyvmm.pci.host import PciBus
 from pyvmm.pci.resources import PciResources
-from pyvmm.result import RunResult, Unclaimed, describe_stop, register_dump
+from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import KICK_SIGNAL, VcpuRunner, VcpuStop
 from pyvmm.x86 import (
     VMX_IDENTITY_MAP_ADDRESS,
@@ -335,10 +335,23 @@ class _Run:
             registers="\n".join(register_dump(v) for v in dump_from) if failed else "",
             elapsed=elapsed,
         )
+        reasons: dict[str, int] = {}
         for runner in self.runners:
             loop = runner.loop
             result.exits += loop.exits
             result.python_exits += loop.python_exits
+            for number, count in enumerate(loop.exit_reasons):
+                if count:
+                    name = EXIT_REASON_NAMES.get(number, str(number))
+                    reasons[name] = reasons.get(name, 0) + count
+            runner.detach()
+        result.exit_reasons = dict(sorted(reasons.items(), key=lambda item: -item[1]))
+        for space, bus in (("port", machine.pio), ("MMIO", machine.mmio)):
+            native = {r.base: isinstance(r.handler, NativeHandler) for r in bus.ranges}
+            for (base, name), count in sorted(bus.hits().items()):
+                result.range_hits.append((space, name, base, count, native.get(base, True)))
+        for runner in self.runners:
+            loop = runner.loop
             _add_unclaimed(result.unclaimed_pio, loop.unclaimed_pio)
             _add_unclaimed(result.unclaimed_mmio, loop.unclaimed_mmio)
         machine.serial.flush()

@@ -50,6 +50,22 @@ class RunResult:
     exits: int = 0  #: exits from KVM_RUN, all vCPUs
     python_exits: int = 0  #: of those, exits served by Python handlers
     elapsed: float = 0.0  #: seconds from starting the vCPU threads to joining them
+    #: Exits by KVM_EXIT_* name, all vCPUs.
+    exit_reasons: dict[str, int] = field(default_factory=dict)
+    #: Accesses served per claimed range: (space, name, base, count, served in C).
+    range_hits: list[tuple[str, str, int, int, bool]] = field(default_factory=list)
+
+    def stats_lines(self) -> list[str]:
+        """The --stats report: exits by reason, accesses by range, and how many hit Python."""
+        reasons = ", ".join(f"{name} {count}" for name, count in self.exit_reasons.items())
+        lines = [
+            f"{self.exits} exits ({reasons or 'none'}); {self.python_exits} reached Python, "
+            f"{self.exits - self.python_exits} served in C or ended the run"
+        ]
+        for space, name, base, count, native in self.range_hits:
+            where = "C" if native else "Python"
+            lines.append(f"{space} {base:#x} {name}: {count} accesses, served in {where}")
+        return lines
 
     @property
     def serial_text(self) -> str:
@@ -177,3 +193,11 @@ def register_dump(vcpu: Vcpu) -> str:
             + f" idt={sregs.idt.base:#x}/{sregs.idt.limit:#x}",
         ]
     )
+
+
+#: KVM_EXIT_* numbers to names, for --stats.
+EXIT_REASON_NAMES = {
+    getattr(lib, name): name[len("KVM_EXIT_") :]
+    for name in dir(lib)
+    if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
+}
