@@ -189,13 +189,14 @@ class VfioAssignments:
                 for region in self.memory.regions:
                     container.map_dma(region.host_address, region.guest_phys_addr, region.size)
         group, registration, users = self.groups[number]
+        users.append(host.name)
         try:
             device = registration.open_device(host.name)
-        except VfioIoctlError as error:
-            if error.errno == errno.EBUSY:
+        except BaseException as error:
+            self._release_group(number, host.name)
+            if isinstance(error, VfioIoctlError) and error.errno == errno.EBUSY:
                 raise DeviceBusyError(f"{host.name} is already open: {error.message}") from None
             raise
-        users.append(host.name)
         return OpenedDevice(device, "group", [lambda: self._release_group(number, host.name)])
 
     def _release_group(self, number: int, name: str) -> None:
@@ -204,9 +205,16 @@ class VfioAssignments:
         if users:
             return
         registration.close()
+        if len(self.groups) == 1:
+            # The container drops its IOMMU when its last group leaves: unmap while it has one.
+            self._unmap_container()
         group.unset_container()
         group.close()
         del self.groups[number]
+
+    def _unmap_container(self) -> None:
+        for region in self.memory.regions:
+            self.container.unmap_dma(region.guest_phys_addr, region.size)
 
     # ---- cdev path -----------------------------------------------------------------------
     def _ensure_ioas(self) -> tuple[Iommufd, int]:
@@ -253,11 +261,6 @@ class VfioAssignments:
         while self.opened:
             self.opened.pop().close()
         if self.container is not None:
-            for region in self.memory.regions:
-                try:
-                    self.container.unmap_dma(region.guest_phys_addr, region.size)
-                except VfioIoctlError:
-                    break  # nothing was mapped: no group ever joined
             self.container.close()
             self.container = None
         if self.iommufd is not None:

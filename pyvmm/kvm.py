@@ -247,7 +247,9 @@ class Vm(FileHandle):
             request,
             lambda: f"type={_DEVICE_TYPES.get(device_type, device_type)}, out fd={request.fd}",
         )
-        return KvmDevice(request.fd)
+        return KvmDevice(
+            request.fd, _DEVICE_TYPES.get(device_type, "").replace("KVM_DEV_TYPE_", "kvm-")
+        )
 
     def create_vcpu(self, index: int) -> Vcpu:
         """Create vCPU number index and map its kvm_run area."""
