@@ -572,3 +572,17 @@ def test_cli_errors_are_one_line_with_status(
     err = capsys.readouterr().err
     assert err.startswith("pyvmm: no PCI device or mdev '00:09.0'") and err.count("\n") == 1
     assert cli(rig_like, "unbind", MTTY) == ExitStatus.DEVICE_ERROR
+
+
+def test_pyvmm_command_has_the_subcommands(
+    rig_like: FakeHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pyvmm import cli as pyvmm_cli
+
+    roots = ["--sysfs", str(rig_like.sysfs), "--dev", str(rig_like.dev)]
+    assert pyvmm_cli.main(["devices", *roots]) == 0
+    through_pyvmm = capsys.readouterr().out
+    assert cli(rig_like, "devices") == 0
+    assert capsys.readouterr().out == through_pyvmm
+    assert pyvmm_cli.main(["bind", "00:09.0", *roots]) == ExitStatus.DEVICE_NOT_FOUND
+    assert capsys.readouterr().err.startswith("pyvmm: no PCI device or mdev '00:09.0'")
