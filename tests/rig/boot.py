@@ -144,8 +144,12 @@ class Console:
 
     def line(self, line: bytes) -> None:
         """Handle one whole line."""
-        if line.startswith(b"rig-init: "):
-            text = line.decode(errors="replace").strip()[len("rig-init: ") :]
+        # The init's first line follows the firmware's output and the terminal
+        # resets ("\x1bc\x1b[?7l\x1b[2J", interleaved with "Booting from ROM...")
+        # with no newline between: look for it inside such noise too.
+        at = line.find(b"rig-init: ")
+        if at == 0 or (at > 0 and NOISE.match(line)):
+            text = line[at:].decode(errors="replace").strip()[len("rig-init: ") :]
             if text.startswith("FAILED: "):
                 self.failed = text[len("FAILED: ") :]
             say(text)
