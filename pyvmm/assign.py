@@ -137,6 +137,9 @@ class VfioAssignments:
         if path not in VFIO_PATHS:
             raise ConfigurationError(f"--vfio {path}: use one of {', '.join(VFIO_PATHS)}")
         hostdev.check_bound(host)
+        # The cdev path claims DMA ownership of the whole group at bind, as the group path
+        # needs a viable group: both fail on a group with a member on a host driver.
+        hostdev.check_viable(host)
         cdev = hostdev.cdev_node(host)
         if path == "auto":
             path = "cdev" if cdev is not None and os.path.exists(IOMMUFD_PATH) else "group"
@@ -168,7 +171,6 @@ class VfioAssignments:
         number = host.iommu_group
         if number not in self.groups:
             container = self._ensure_container()
-            hostdev.check_viable(host)
             node = str(host.group_node)
             group = VfioGroup(node, _open_or_explain(node, f"IOMMU group {number}"))
             try:
