@@ -35,6 +35,17 @@ HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "gcc-12", "make", "patch",
 MTTY_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 MTTY_KVM_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
 
+#: PCI addresses of the rig's devices, fixed by addr= on QEMU's command line
+#: (boot.py), checked and bound by the inner init, exported to tests as
+#: PYVMM_RIG_EDU, _NVME, _NONVIABLE and _UNBOUND. Bus 01 is behind the one
+#: conventional PCI bridge at 00:04.0: the bridge and both devices behind it
+#: share one IOMMU group.
+EDU_BDF = "0000:00:02.0"  # edu 1234:11e8 on vfio-pci (MSI, INTx)
+NVME_BDF = "0000:00:03.0"  # QEMU NVMe 1b36:0010 on vfio-pci (MSI-X)
+BRIDGE_BDF = "0000:00:04.0"  # pci-bridge 1b36:0001, no driver
+NONVIABLE_BDF = "0000:01:01.0"  # edu on vfio-pci, its group not viable
+UNBOUND_BDF = "0000:01:02.0"  # pci-serial 1b36:0002 on the 8250 driver "serial"
+
 #: Exit status of ``python -m tests.rig`` when the rig itself failed.
 RIG_FAILED = 125
 

@@ -18,7 +18,16 @@ import threading
 import time
 from pathlib import Path
 
-from . import REPO, RigError, cache_root
+from . import (
+    BRIDGE_BDF,
+    EDU_BDF,
+    NONVIABLE_BDF,
+    NVME_BDF,
+    REPO,
+    UNBOUND_BDF,
+    RigError,
+    cache_root,
+)
 from .build import Rig
 from .steps import say
 
@@ -42,7 +51,6 @@ DROP_ENV = {
 #: Where the job records the process group of CMD (inside the rig).
 PGID = "/run/pyvmm-rig.pgid"
 
-#: Inner machine: AMD model with SVM (TCG has no VMX), emulated VT-d, edu.
 #: Console lines that are not the command's: firmware banner, power-off.
 NOISE = re.compile(rb"^(\x1b|Booting from ROM|\[ *[0-9.]+\] reboot: Power down)")
 #: Line starts that may be the harness's, not CMD's (held until the line ends).
@@ -84,6 +92,37 @@ def job_script(cmd: list[str], cwd: Path, env: dict[str, str], run: Path) -> str
     return "\n".join(lines) + "\n"
 
 
+#: Size of the NVMe controller's backing file (sparse, in the run directory).
+NVME_IMAGE_SIZE = 1 << 20
+
+
+def slot(bdf: str) -> str:
+    """QEMU's addr= (slot.function, hex) of a BDF such as 0000:01:02.0."""
+    dev, fn = bdf.rsplit(":", 1)[1].split(".")
+    return f"{int(dev, 16):x}.{fn}"
+
+
+def pci_argv(run: Path) -> list[str]:
+    """The PCI devices tests use, at the fixed addresses of tests/rig/__init__.py.
+
+    Behind the conventional PCI bridge (no PCIe: its devices' DMA carries the
+    bridge's requester ID, so the bridge and both share one IOMMU group) an
+    edu for vfio-pci and a pci-serial that the built-in 8250 driver claims,
+    which makes that group not viable. shpc=off: no hotplug controller that a
+    driver could claim on the bridge itself.
+    """
+    # fmt: off
+    return [
+        "-device", f"edu,addr={slot(EDU_BDF)}",
+        "-drive", f"file={run / 'nvme.img'},if=none,id=nvm,format=raw",
+        "-device", f"nvme,serial=pyvmm0,drive=nvm,addr={slot(NVME_BDF)}",
+        "-device", f"pci-bridge,id=br0,chassis_nr=1,shpc=off,bus=pcie.0,addr={slot(BRIDGE_BDF)}",
+        "-device", f"edu,bus=br0,addr={slot(NONVIABLE_BDF)}",
+        "-device", f"pci-serial,bus=br0,addr={slot(UNBOUND_BDF)}",
+    ]
+    # fmt: on
+
+
 def qemu_argv(rig: Rig, run: Path, repo: Path) -> list[str]:
     """The QEMU command line (see shared/rig/README.md for why each option)."""
     qemu = shutil.which("qemu-system-x86_64")
@@ -91,7 +130,9 @@ def qemu_argv(rig: Rig, run: Path, repo: Path) -> list[str]:
         raise RigError("boot", "qemu-system-x86_64 not found (package qemu-system-x86)")
     append = (
         f"console=ttyS0 quiet loglevel=3 panic=-1 intel_iommu=on iommu=pt "
-        f"pyvmm_rig.run={run} pyvmm_rig.repo={repo}"
+        f"pyvmm_rig.run={run} pyvmm_rig.repo={repo} pyvmm_rig.edu={EDU_BDF} "
+        f"pyvmm_rig.nvme={NVME_BDF} pyvmm_rig.nonviable={NONVIABLE_BDF} "
+        f"pyvmm_rig.unbound={UNBOUND_BDF}"
     )
     # thread=single: multi-threaded TCG races with the kernel's cross-CPU
     # code patching (text_poke_bp: kprobes, static keys); with -smp 2 a stale
@@ -102,7 +143,7 @@ def qemu_argv(rig: Rig, run: Path, repo: Path) -> list[str]:
         qemu, "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=single",
         "-cpu", "max", "-smp", CPUS, "-m", MEMORY,
         "-nographic", "-no-reboot", "-nic", "none",
-        "-device", "intel-iommu,caching-mode=on,intremap=on", "-device", "edu",
+        "-device", "intel-iommu,caching-mode=on,intremap=on", *pci_argv(run),
         "-kernel", str(rig.vmlinuz), "-initrd", str(rig.initrd), "-append", append,
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -186,6 +227,8 @@ def run_in_rig(
     runs.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="run-", dir=runs))
     environ = dict(os.environ if env is None else env)
+    with open(run / "nvme.img", "wb") as img:  # the NVMe controller's disk, sparse
+        img.truncate(NVME_IMAGE_SIZE)
     (run / "job.sh").write_text(job_script(cmd, cwd, environ, run))
     console = run / "console.log"
     t0 = time.monotonic()

@@ -22,14 +22,19 @@ mount -t devtmpfs dev /dev || die "mount /dev"
 # The serial console would turn \n into \r\n in everything the job prints.
 stty -onlcr 2>/dev/null
 
-RUN= REPO=
+RUN= REPO= EDU= NVME= NONVIABLE= UNBOUND=
 for w in $(cat /proc/cmdline); do
 	case "$w" in
 	pyvmm_rig.run=*) RUN=${w#*=} ;;
 	pyvmm_rig.repo=*) REPO=${w#*=} ;;
+	pyvmm_rig.edu=*) EDU=${w#*=} ;;
+	pyvmm_rig.nvme=*) NVME=${w#*=} ;;
+	pyvmm_rig.nonviable=*) NONVIABLE=${w#*=} ;;
+	pyvmm_rig.unbound=*) UNBOUND=${w#*=} ;;
 	esac
 done
-[ -n "$RUN" ] && [ -n "$REPO" ] || die "kernel command line lacks pyvmm_rig.run/.repo"
+[ -n "$RUN" ] && [ -n "$REPO" ] && [ -n "$EDU" ] && [ -n "$NVME" ] && [ -n "$NONVIABLE" ] &&
+	[ -n "$UNBOUND" ] || die "kernel command line lacks pyvmm_rig.run/.repo/.edu/.nvme/..."
 
 while read -r m; do
 	insmod "/lib/modules/$m.ko" || die "load module $m"
@@ -55,17 +60,31 @@ mount -t devpts devpts /host/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm || die "mount /dev/shm"
 mount -t tracefs tracefs /host/sys/kernel/tracing || die "mount tracefs"
 
-# edu (1234:11e8) to vfio-pci: gives /dev/vfio/N and /dev/vfio/devices/vfioM.
-EDU=
-for d in /sys/bus/pci/devices/*; do
-	if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
-		EDU=${d##*/}
-	fi
-done
-[ -n "$EDU" ] || die "no edu PCI device (QEMU lacks -device edu?)"
-echo vfio-pci >"/sys/bus/pci/devices/$EDU/driver_override"
-echo "$EDU" >/sys/bus/pci/drivers_probe
-[ -e "/sys/bus/pci/drivers/vfio-pci/$EDU" ] || die "bind edu $EDU to vfio-pci"
+# PCI devices, at the fixed addresses boot.py gives them (tests/rig/__init__.py).
+pci_id() { echo "$(cat "/sys/bus/pci/devices/$1/vendor"):$(cat "/sys/bus/pci/devices/$1/device")"; }
+pci_driver() { d=$(readlink "/sys/bus/pci/devices/$1/driver") && echo "${d##*/}"; }
+expect() { # BDF VENDOR:DEVICE WHAT
+	[ "$(pci_id "$1" 2>/dev/null)" = "$2" ] || die "no $3 ($2) at $1: QEMU's -device list changed?"
+}
+to_vfio() { # BDF WHAT: driver_override + drivers_probe, as for real hardware
+	[ -z "$(pci_driver "$1")" ] || echo "$1" >"/sys/bus/pci/devices/$1/driver/unbind"
+	echo vfio-pci >"/sys/bus/pci/devices/$1/driver_override"
+	echo "$1" >/sys/bus/pci/drivers_probe
+	[ "$(pci_driver "$1")" = vfio-pci ] || die "bind $2 $1 to vfio-pci"
+}
+expect "$EDU" 0x1234:0x11e8 edu
+expect "$NVME" 0x1b36:0x0010 "NVMe controller"
+expect "$NONVIABLE" 0x1234:0x11e8 "edu behind the PCI bridge"
+expect "$UNBOUND" 0x1b36:0x0002 "pci-serial behind the PCI bridge"
+to_vfio "$EDU" edu
+to_vfio "$NVME" nvme
+to_vfio "$NONVIABLE" edu
+# The 8250 driver (built in) holds the pci-serial, so the group it shares with
+# $NONVIABLE is not viable.
+[ "$(pci_driver "$UNBOUND")" = serial ] || die "pci-serial $UNBOUND not on the serial driver"
+g=$(readlink "/sys/bus/pci/devices/$NONVIABLE/iommu_group")
+[ -e "/sys/kernel/iommu_groups/${g##*/}/devices/$UNBOUND" ] ||
+	die "$NONVIABLE and $UNBOUND not in one IOMMU group"
 
 # One plain mtty mdev and one of the kvm-requiring variant.
 MTTY=@MTTY_UUID@
@@ -75,7 +94,8 @@ echo "$MTTY" >/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-1/create ||
 echo "$MTTY_KVM" >/sys/class/mdev_bus/mtty_kvm/mdev_supported_types/mtty_kvm-1/create ||
 	die "create the mtty_kvm mdev"
 [ -c /dev/iommu ] || die "no /dev/iommu"
-for dev in "/sys/bus/pci/devices/$EDU" "/sys/bus/mdev/devices/$MTTY" "/sys/bus/mdev/devices/$MTTY_KVM"; do
+P=/sys/bus/pci/devices M=/sys/bus/mdev/devices
+for dev in "$P/$EDU" "$P/$NVME" "$P/$NONVIABLE" "$M/$MTTY" "$M/$MTTY_KVM"; do
 	g=$(readlink "$dev/iommu_group") || die "no IOMMU group for $dev"
 	[ -c "/dev/vfio/${g##*/}" ] || die "no /dev/vfio/${g##*/} for $dev"
 	c=$(ls "$dev/vfio-dev" 2>/dev/null)
@@ -85,6 +105,9 @@ done
 cat >/host/run/pyvmm-rig.env <<EOF
 export PYVMM_RIG=1
 export PYVMM_RIG_EDU=$EDU
+export PYVMM_RIG_NVME=$NVME
+export PYVMM_RIG_NONVIABLE=$NONVIABLE
+export PYVMM_RIG_UNBOUND=$UNBOUND
 export PYVMM_RIG_MTTY=$MTTY
 export PYVMM_RIG_MTTY_KVM=$MTTY_KVM
 EOF
