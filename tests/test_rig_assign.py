@@ -194,3 +194,26 @@ def test_bar_mapped_costs_no_exits_trapped_costs_one_each(record_property) -> No
     assert python[1] - python[0] < 10
     record_property("edu_regs_exits", f"mapped {exits[0]}, trapped {exits[1]}")
     print(f"\nedu_regs: mapped {exits[0]} exits, trapped {exits[1]} exits")
+
+
+@pytest.mark.parametrize("mapping", ["mmap", "trap"])
+def test_guest_sizes_and_moves_a_bar(mapping: str) -> None:
+    edu = rig_env("PYVMM_RIG_EDU")
+    extra = ("--no-mmap",) if mapping == "trap" else ()
+    done = run_guest("bar_move", edu, "auto", "--trace", *extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bar_move: moved to 0xc8000000, old place empty" in done.stdout
+    assert "bar_move: back at 0xc0000000" in done.stdout
+    if mapping == "mmap":  # the memory slot followed the BAR there and back
+        trace = trace_lines(done.stderr)
+        index_of(trace, r"KVM_SET_USER_MEMORY_REGION\(slot=\d+, guest_phys_addr=0xc8000000, m")
+
+
+def test_two_devices_take_consecutive_slots() -> None:
+    edu, mtty = rig_env("PYVMM_RIG_EDU"), rig_env("PYVMM_RIG_MTTY")
+    args = ("--device", mtty, "--timeout", str(GUEST_TIMEOUT))
+    first = pyvmm("run", "edu_regs", "--device", edu, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = pyvmm("run", "mtty", "--device", edu, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "mtty: found 4348:3253 at 00:02.0" in second.stdout
