@@ -4,15 +4,26 @@ KVM_SET_GSI_ROUTING replaces the whole table, so ``GsiRouting`` keeps it: the PC
 routes (GSIs 0-15 to the 8259s and the IOAPIC, 16-23 to the IOAPIC, as KVM sets them up at
 KVM_CREATE_IRQCHIP) plus one MSI route per device vector, each on a GSI of its own from 24 up.
 An ``MsiVector`` is one device interrupt message: an eventfd that VFIO signals and a KVM irqfd
-that turns each signal into the MSI its route describes, with no exit to userspace.
+that turns each signal into the MSI its route describes, with no exit to userspace. An
+``IntxLine`` is a VFIO device's level-triggered INTx on an IOAPIC pin.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import select
+import threading
 
 from pyvmm._native import lib
+from pyvmm.errors import PyvmmError
 from pyvmm.kvm import Vm
+from pyvmm.vfio import VfioDevice, VfioIoctlError
+
+INTX = lib.VFIO_PCI_INTX_IRQ_INDEX
+EVENTFD_TRIGGER = lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_TRIGGER
+NONE_TRIGGER = lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_TRIGGER
 
 IOAPIC_PINS = 24
 PIC_PINS = 16
@@ -124,3 +135,71 @@ class MsiVector:
         self.routing.remove_msi(self.gsi)
         os.close(self.eventfd)
         self.eventfd = -1
+
+
+class IntxLine:
+    """INTx of a VFIO device: trigger eventfd -> KVM irqfd with resample -> VFIO unmask.
+
+    Most devices take the resample eventfd as VFIO's unmask eventfd, so the whole cycle stays
+    in the kernel. Some (the kernel's mtty sample) refuse it; then a thread waits on the
+    resample eventfd and issues the unmask ioctl after each EOI, as QEMU falls back to.
+    """
+
+    def __init__(self, device: VfioDevice, vm: Vm, gsi: int) -> None:
+        self.device, self.vm, self.gsi = device, vm, gsi
+        self.trigger = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.thread: threading.Thread | None = None
+        self.enabled = False
+
+    def enable(self) -> None:
+        """Wire the line from the device to the guest's GSI."""
+        self.device.set_irqs(INTX, EVENTFD_TRIGGER, 0, 1, [self.trigger])
+        self.vm.irqfd(self.trigger, self.gsi, resample_fd=self.resample)
+        self.enabled = True
+        unmask = lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_UNMASK
+        try:
+            self.device.set_irqs(INTX, unmask, 0, 1, [self.resample])
+        except VfioIoctlError as error:
+            if error.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._unmask_loop, name=f"intx-unmask {self.device.name}", daemon=True
+                )
+                self.thread.start()
+
+    def _unmask_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.resample, select.POLLIN)
+        poller.register(self.stop, select.POLLIN)
+        unmask = lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_UNMASK
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self.stop in ready:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.resample)
+                if self.enabled:
+                    with contextlib.suppress(PyvmmError):
+                        self.device.set_irqs(INTX, unmask, 0, 1)
+
+    def disable(self) -> None:
+        """Disconnect the line (MSI or MSI-X take over, or teardown)."""
+        if self.enabled:
+            self.enabled = False
+            self.device.set_irqs(INTX, NONE_TRIGGER, 0, 0)
+            self.vm.irqfd_deassign(self.trigger, self.gsi)
+
+    def close(self) -> None:
+        """Stop the unmask thread and close the eventfds."""
+        with contextlib.suppress(PyvmmError, OSError):
+            self.disable()
+        if self.thread is not None:
+            os.eventfd_write(self.stop, 1)
+            self.thread.join()
+            self.thread = None
+        for fd in (self.trigger, self.resample, self.stop):
+            os.close(fd)
+        self.trigger = self.resample = self.stop = -1

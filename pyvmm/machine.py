@@ -32,6 +32,7 @@ from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm, Vcpu
 from pyvmm.loader import LoadedImage, load_elf
 from pyvmm.memory import GuestMemory, MemorySlots
+from pyvmm.pci.config import PciFunction
 from pyvmm.pci.host import PciBus
 from pyvmm.pci.resources import PciResources
 from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
@@ -119,6 +120,21 @@ class Machine:
         self.irqchip = True
         lib.pyvmm_uart_set_vm_fd(self.serial.uart, self.vm.fd)
 
+    def _enable_pci(self) -> PciBus:
+        if self.pci is None:
+            self.enable_irqchip()
+            self.pci = PciBus(self.pio, self.mmio)
+            self._routing = GsiRouting(self.vm)
+            self._resources = PciResources(self.memory.top)
+        return self.pci
+
+    def add_pci_function(self, function: PciFunction) -> int:
+        """Plug an emulated PCI function (config_read/config_write) into the next free slot."""
+        bus = self._enable_pci()
+        slot = bus.next_free_slot()
+        bus.add(slot, function)
+        return slot
+
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.
 
@@ -130,13 +146,10 @@ class Machine:
         if self._ran:
             raise ConfigurationError("assign devices before run()")
         host = hostdev.find_device(device)
-        self.enable_irqchip()
+        self._enable_pci()
         if self._vfio is None:
             self._vfio = VfioAssignments(self.vm, self.memory)
             self._closers.append(self._vfio.close)
-            self.pci = PciBus(self.pio, self.mmio)
-            self._routing = GsiRouting(self.vm)
-            self._resources = PciResources(self.memory.top)
         opened = self._vfio.open(host, vfio)
         slot = self.pci.next_free_slot()
         try:

@@ -19,25 +19,21 @@ The guest sees the device's own configuration space, except where the VMM must o
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
-import os
-import select
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm._native import ffi, lib
 from pyvmm.bus import Bus, NativeHandler
 from pyvmm.errors import ConfigurationError, PyvmmError
-from pyvmm.irq import GsiRouting, MsiVector
+from pyvmm.irq import EVENTFD_TRIGGER, NONE_TRIGGER, GsiRouting, IntxLine, MsiVector
 from pyvmm.kvm import Vm
 from pyvmm.memory import PAGE_SIZE, MemorySlots
 from pyvmm.pci import config as pci
 from pyvmm.pci.msi import MSIX_ENTRY_SIZE, MsiCapability, MsixCapability
 from pyvmm.pci.resources import PciResources
-from pyvmm.vfio import RegionInfo, VfioDevice, VfioIoctlError
+from pyvmm.vfio import RegionInfo, VfioDevice
 
 CONFIG = lib.VFIO_PCI_CONFIG_REGION_INDEX
 INTX, MSI, MSIX = (
@@ -45,8 +41,6 @@ INTX, MSI, MSIX = (
     lib.VFIO_PCI_MSI_IRQ_INDEX,
     lib.VFIO_PCI_MSIX_IRQ_INDEX,
 )
-EVENTFD_TRIGGER = lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_TRIGGER
-NONE_TRIGGER = lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_TRIGGER
 EXPOSED_CAPABILITIES = {pci.CAP_POWER_MANAGEMENT, pci.CAP_MSI, pci.CAP_EXPRESS, pci.CAP_MSIX}
 
 
@@ -99,13 +93,13 @@ class VfioPciDevice:
         self.command = 0
         self.vectors: list[MsiVector] = []
         self.active_irq: int | None = None
-        self.intx: _Intx | None = None
+        self.intx: IntxLine | None = None
         self._place_bars(resources)
         self._find_capabilities()
         pin = self._device_read(pci.INTERRUPT_PIN, 1)
         self.interrupt_line = pci.intx_gsi(slot, pin) if 1 <= pin <= 4 else 0xFF
         if 1 <= pin <= 4 and device.get_irq_info(INTX).count:
-            self.intx = _Intx(device, vm, self.interrupt_line)
+            self.intx = IntxLine(device, vm, self.interrupt_line)
             self._enable_intx()
         if self.flags & lib.VFIO_DEVICE_FLAGS_RESET:
             device.reset()
@@ -472,71 +466,3 @@ class VfioPciDevice:
             with contextlib.suppress(PyvmmError):
                 self.device.reset()
         self.device.close()
-
-
-class _Intx:
-    """INTx of a device: trigger eventfd -> KVM irqfd with resample -> VFIO unmask.
-
-    Most devices take the resample eventfd as VFIO's unmask eventfd, so the whole cycle stays
-    in the kernel. Some (the kernel's mtty sample) refuse it; then a thread waits on the
-    resample eventfd and issues the unmask ioctl after each EOI, as QEMU falls back to.
-    """
-
-    def __init__(self, device: VfioDevice, vm: Vm, gsi: int) -> None:
-        self.device, self.vm, self.gsi = device, vm, gsi
-        self.trigger = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.thread: threading.Thread | None = None
-        self.enabled = False
-
-    def enable(self) -> None:
-        """Wire the line from the device to the guest's GSI."""
-        self.device.set_irqs(INTX, EVENTFD_TRIGGER, 0, 1, [self.trigger])
-        self.vm.irqfd(self.trigger, self.gsi, resample_fd=self.resample)
-        self.enabled = True
-        unmask = lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_UNMASK
-        try:
-            self.device.set_irqs(INTX, unmask, 0, 1, [self.resample])
-        except VfioIoctlError as error:
-            if error.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            if self.thread is None:
-                self.thread = threading.Thread(
-                    target=self._unmask_loop, name=f"intx-unmask {self.device.name}", daemon=True
-                )
-                self.thread.start()
-
-    def _unmask_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.resample, select.POLLIN)
-        poller.register(self.stop, select.POLLIN)
-        unmask = lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_UNMASK
-        while True:
-            ready = {fd for fd, _ in poller.poll()}
-            if self.stop in ready:
-                return
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self.resample)
-                if self.enabled:
-                    with contextlib.suppress(PyvmmError):
-                        self.device.set_irqs(INTX, unmask, 0, 1)
-
-    def disable(self) -> None:
-        """Disconnect the line (MSI or MSI-X take over, or teardown)."""
-        if self.enabled:
-            self.enabled = False
-            self.device.set_irqs(INTX, NONE_TRIGGER, 0, 0)
-            self.vm.irqfd_deassign(self.trigger, self.gsi)
-
-    def close(self) -> None:
-        """Stop the unmask thread and close the eventfds."""
-        with contextlib.suppress(PyvmmError, OSError):
-            self.disable()
-        if self.thread is not None:
-            os.eventfd_write(self.stop, 1)
-            self.thread.join()
-            self.thread = None
-        for fd in (self.trigger, self.resample, self.stop):
-            os.close(fd)
-        self.trigger = self.resample = self.stop = -1
