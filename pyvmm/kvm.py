@@ -248,7 +248,7 @@ class Vm(FileHandle):
             lambda: f"type={_DEVICE_TYPES.get(device_type, device_type)}, out fd={request.fd}",
         )
         return KvmDevice(
-            request.fd, _DEVICE_TYPES.get(device_type, "").replace("KVM_DEV_TYPE_", "kvm-")
+            request.fd, _DEVICE_TYPES.get(device_type, "").replace("KVM_DEV_TYPE_", "kvm-").lower()
         )
 
     def create_vcpu(self, index: int) -> Vcpu:
