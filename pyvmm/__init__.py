@@ -1,8 +1,10 @@
-"""pyvmm: a minimal VMM in Python on Linux KVM, for booting test guests.
+"""pyvmm: a minimal VMM in Python on Linux KVM, for booting test guests with assigned devices.
 
-The layers, bottom up: ``_native`` (cffi bindings and the C run loop), ``kvm`` (ioctl
-wrappers), ``memory`` (guest RAM), ``loader`` and ``x86`` (boot), ``bus`` and ``devices``,
-``vcpu`` and ``machine`` (the builder and run loop), then ``cli`` and ``testing``.
+The layers, bottom up: ``_native`` (cffi bindings and the C run loop), ``ioctl``, ``kvm``,
+``vfio`` and ``iommufd`` (ioctl wrappers), ``memory`` (guest RAM), ``loader`` and ``x86``
+(boot), ``bus``, ``pci``, ``irq`` and ``devices``, ``hostdev`` and ``assign`` (host devices
+through VFIO), ``vcpu`` and ``machine`` (the builder and run loop), then ``cli``,
+``hostcli`` and ``testing``.
 """
 
 from pyvmm.errors import ExitStatus, PyvmmError
