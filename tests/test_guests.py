@@ -6,9 +6,12 @@ import os
 import struct
 import threading
 
+import numpy as np
 import pytest
 
 from pyvmm import ExitStatus, Machine, guest_path
+from pyvmm._native import ffi, lib
+from pyvmm.bus import NativeHandler
 
 
 def test_hello_long_mode(run_guest):
@@ -248,3 +251,42 @@ def test_uart_input_raises_irq4_through_the_in_kernel_pic(kvm_required):
             typing.cancel()
     assert result.exit_status == 0, result.message
     assert result.serial_text == "waiting for input on IRQ 4\nirq 4 delivered 'z'\n"
+
+
+def test_msix_window_table_sharing_a_page_is_served_in_c(run_guest):
+    """An MSI-X table at offset 4 of a trapped window: table bytes are the VMM's (a write is
+    handed to Python once, to update routes), the registers around it go to the device fd."""
+    device = os.memfd_create("device-bar")
+    os.pwrite(device, bytes(16), 0)
+    table = np.zeros(16, dtype=np.uint8)
+    notified: list[tuple[int, bytes]] = []
+    keep = {}
+
+    def on_table_write(offset: int, data: memoryview, is_write: bool) -> None:
+        notified.append((offset, bytes(data)))
+
+    def setup(machine: Machine) -> None:
+        machine.pio_buffer(0x500, 8)
+        machine.pio_buffer(0x508, 1)
+        window = ffi.new(
+            "struct pyvmm_msix_window *",
+            {"table_offset": 4, "table_size": 16, "table": ffi.from_buffer(table)},
+        )
+        keep["window"] = window
+        handler = NativeHandler(
+            lib.PYVMM_HANDLER_MSIX, fd=device, device=window, keep=window, python=on_table_write
+        )
+        machine.mmio.add(0xD000_0000, 0x1000, handler, "MSI-X window")
+        machine.mmio_buffer(0xD000_1000, 8)
+
+    try:
+        result = run_guest("pio_mmio", setup=setup)
+        registers = os.pread(device, 4, 0)
+    finally:
+        os.close(device)
+    assert result.exit_status == 0, result.message
+    assert "mmio a1 b2c3 d4e5f607 0123456789abcdef" in result.serial_text
+    assert registers == bytes.fromhex("a100c3b2"), "bytes 0-3 went to the device fd"
+    assert table.tobytes() == bytes.fromhex("07f6e5d4efcdab896745230100000000")
+    assert notified == [(4, bytes.fromhex("07f6e5d4")), (8, bytes.fromhex("efcdab8967452301"))]
+    assert result.python_exits == 2, "only the two table writes reached Python"

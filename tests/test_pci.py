@@ -266,3 +266,48 @@ def test_guest_enumerates_the_bus_through_conf1(kvm_required) -> None:
     conf1 = [hits for space, name, _, hits, _ in result.range_hits if name == "PCI conf1"]
     assert conf1 and conf1[0] > 0
     assert ECAM_BASE == 0xE000_0000
+
+
+def test_msix_table_and_pba_pages_are_trapped_the_rest_mapped(assigned) -> None:
+    device, *_ = assigned
+    bar = device.bars[2]
+    bar.region = RegionInfo(2, 7, 0x4000, 2 << 40, ((0, 0x4000),))  # VFIO: all mappable
+    device.msix.table_offset, device.msix.pba_offset = 0x1000, 0x3000
+    assert device._segments(bar) == [
+        ("mmap", 0, 0x1000),
+        ("msix", 0x1000, 0x1000),
+        ("mmap", 0x2000, 0x1000),
+        ("trap", 0x3000, 0x1000),
+    ]
+    device.mmap_bars = False  # --no-mmap
+    assert [kind for kind, *_ in device._segments(bar)] == ["trap", "msix", "trap"]
+
+
+def test_msix_routes_follow_table_writes_and_masks(assigned) -> None:
+    device, fake, *_ = assigned
+    msix = device.msix
+    device.config_write(pci.COMMAND, 2, pci.COMMAND_MEMORY)  # maps the table's window
+    msix.table[0:16] = list(struct.pack("<IIII", 0xFEE00000, 0, 0x40, 0))  # vector 0 unmasked
+    device.config_write(0x72, 2, 0x8000)  # MSI-X enable
+    assert fake.irq_calls[-1] == (
+        lib.VFIO_PCI_MSIX_IRQ_INDEX,
+        lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_TRIGGER,
+        msix.entries,
+    )
+    assert [v.attached for v in device.vectors] == [True, False, False, False]
+    first = device.vectors[0].gsi
+    assert device.routing.msi[first] == (0xFEE00000, 0x40)
+    # The guest reprograms vector 0 (the C loop stored it, then handed the write over).
+    msix.table[8:12] = list(struct.pack("<I", 0x41))
+    device._msix_table_written(8, memoryview(bytearray(4)), True)
+    assert device.routing.msi[first] == (0xFEE00000, 0x41)
+    msix.table[12] = 1  # per-vector mask
+    device._msix_table_written(12, memoryview(bytearray(4)), True)
+    assert not device.vectors[0].attached
+    msix.table[12] = 0
+    device._msix_table_written(12, memoryview(bytearray(4)), True)
+    assert device.vectors[0].attached
+    device.config_write(0x72, 2, 0xC000)  # function mask
+    assert not any(v.attached for v in device.vectors)
+    device.config_write(0x72, 2, 0)
+    assert device.vectors == [] and device.routing.msi == {}

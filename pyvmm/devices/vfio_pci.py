@@ -323,16 +323,26 @@ class VfioPciDevice:
                 bar.ranges.append((self.mmio, base))
 
     def _segments(self, bar: Bar) -> list[tuple[str, int, int]]:
-        """Split a memory BAR into runs of pages: mmap'd, MSI-X table window, or trapped."""
-        table = None
-        if self.msix is not None and self.msix.table_bar == bar.index:
-            table = (self.msix.table_offset, self.msix.table_offset + self.msix.table_size)
+        """Split a memory BAR into runs of pages: mmap'd, MSI-X table window, or trapped.
+
+        The table's pages are the table window; the PBA's pages are trapped (forwarded to
+        the device) even where VFIO would let them be mapped, so that every MSI-X access
+        is seen by the VMM, as QEMU does it.
+        """
+        table = pba = None
+        msix = self.msix
+        if msix is not None and msix.table_bar == bar.index:
+            table = (msix.table_offset, msix.table_offset + msix.table_size)
+        if msix is not None and msix.pba_bar == bar.index:
+            pba = (msix.pba_offset, msix.pba_offset + (msix.entries + 63) // 64 * 8)
         areas = bar.region.mmap_areas if self.mmap_bars and bar.region.can_mmap else ()
         kinds = []
         for start in range(0, bar.size, PAGE_SIZE):
             end = min(start + PAGE_SIZE, bar.size)
             if table and start < table[1] and table[0] < end:
                 kinds.append("msix")
+            elif pba and start < pba[1] and pba[0] < end:
+                kinds.append("trap")
             elif end - start == PAGE_SIZE and any(a <= start and end <= a + s for a, s in areas):
                 kinds.append("mmap")
             else:
