@@ -199,3 +199,25 @@ def test_twenty_cycles_some_stopped_by_sigterm() -> None:
             assert "edu_regs: 3000 accesses ok" in result.serial_text
         assert open_fds() == before, f"cycle {cycle} ({path}) left fds open"
         print(f"cycle {cycle} {path}: {result.outcome} in {time.monotonic() - started:.1f}s")
+
+
+@pytest.mark.parametrize(
+    ("guest", "extra", "status"),
+    [
+        ("spin", ("--timeout", "3"), ExitStatus.TIMEOUT),
+        ("triple_fault", ("--timeout", "120"), ExitStatus.TRIPLE_FAULT),
+    ],
+)
+def test_teardown_after_a_timeout_or_a_crash(guest: str, extra: tuple, status: int) -> None:
+    edu = rig_env("PYVMM_RIG_EDU")
+    done = subprocess.run(
+        pyvmm_command("run", guest, "--device", edu, "--trace", *extra),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "KVM_DEV_VFIO_FILE_DEL" in done.stderr, "teardown ran"
+    edu_works("auto")
