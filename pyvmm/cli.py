@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     except PyvmmError as error:
         print(f"pyvmm: {error.message}", file=sys.stderr)
         return int(error.exit_status)
+    except BrokenPipeError:
+        # The reader went away (`pyvmm devices | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
