@@ -16,7 +16,7 @@
 #define EDU_SIZE 0x100000u
 #define NEW_PLACE 0xC8000000u   /* inside pyvmm's PCI memory window, unused */
 
-enum failure { NOT_FOUND = 1, BAD_SIZE, NOT_RESTORED, NOT_MOVED, STILL_AT_OLD, NOT_BACK };
+enum failure { NOT_FOUND = PCI_NOT_FOUND, BAD_SIZE, NOT_RESTORED, NOT_MOVED, STILL_AT_OLD, NOT_BACK };
 
 static u32 id_at(uptr address)
 {
@@ -30,8 +30,7 @@ int guest_main(unsigned cpu, unsigned ncpus)
 	(void)ncpus;
 	if (cpu != 0)
 		guest_halt();
-	if (pci_find(EDU_VENDOR, EDU_DEVICE, &dev))
-		fail(NOT_FOUND, "find edu on bus 0", 0, 1);
+	pci_require(EDU_VENDOR, EDU_DEVICE, &dev);
 	u32 original = pci_read32(&dev, PCI_BAR0);
 	uptr old = original & ~0xFu;
 

@@ -42,7 +42,7 @@
 #define MSI_VECTOR 0x31
 
 enum failure {
-	NOT_FOUND = 1, ECAM_MISMATCH, BAD_BAR0,               /* step 1 */
+	NOT_FOUND = PCI_NOT_FOUND, ECAM_MISMATCH, BAD_BAR0,               /* step 1 */
 	BAD_ID, BAD_LIVENESS, FACTORIAL_TIMEOUT, BAD_FACTORIAL, /* 2 */
 	DMA_OUT_OF_REACH, DMA_TIMEOUT, DMA_MISMATCH,          /* 3 */
 	BAD_INTX_ROUTE, INTX_TIMEOUT, BAD_INTX_STATUS,        /* 4 */
@@ -155,11 +155,7 @@ int guest_main(unsigned cpu, unsigned ncpus)
 		guest_halt();
 
 	/* 1. Find the device; check ECAM agrees with mechanism #1. */
-	if (pci_find(EDU_VENDOR, EDU_DEVICE, &dev)) {
-		printf("FAIL: find %04x:%04x on bus 0 (got nothing, want a device)\n",
-		       EDU_VENDOR, EDU_DEVICE);
-		guest_exit(NOT_FOUND);
-	}
+	pci_require(EDU_VENDOR, EDU_DEVICE, &dev);
 	printf("edu: found %04x:%04x at ", EDU_VENDOR, EDU_DEVICE);
 	pci_print_location(&dev);
 	print("\n");
@@ -167,16 +163,8 @@ int guest_main(unsigned cpu, unsigned ncpus)
 	       pci_read32(&dev, PCI_VENDOR_ID));
 	printf("edu: ecam agrees: %08x\n", pci_ecam_read32(&dev, PCI_VENDOR_ID));
 
-	struct pci_bar bar0 = pci_read_bar(&dev, 0);
-
-	/* A memory BAR, and below 4 GiB, where the identity map reaches. */
-	if (bar0.io || bar0.address == 0 || bar0.address >= 0x100000000ull) {
-		printf("FAIL: bar0 (got 0x%llx%s, want memory below 4 GiB)\n", bar0.address,
-		       bar0.io ? " in I/O space" : "");
-		guest_exit(BAD_BAR0);
-	}
-	bar = (uptr)bar0.address;
-	printf("edu: bar0 0x%llx, interrupt line %u\n", bar0.address,
+	bar = pci_require_memory_bar(&dev, 0, BAD_BAR0);
+	printf("edu: bar0 0x%llx, interrupt line %u\n", (u64)bar,
 	       pci_read8(&dev, PCI_INTERRUPT_LINE));
 
 	/* 2. Registers. Memory decoding on, and bus mastering for the DMA. */

@@ -15,7 +15,7 @@
 #define EDU_LIVENESS 0x04  /* reads back the inverse of what was written */
 #define ROUNDS 1000
 
-enum failure { NOT_FOUND = 1, BAD_BAR0, BAD_ID, BAD_LIVENESS };
+enum failure { NOT_FOUND = PCI_NOT_FOUND, BAD_BAR0, BAD_ID, BAD_LIVENESS };
 
 int guest_main(unsigned cpu, unsigned ncpus)
 {
@@ -24,23 +24,11 @@ int guest_main(unsigned cpu, unsigned ncpus)
 	(void)ncpus;
 	if (cpu != 0)
 		guest_halt();
-	if (pci_find(EDU_VENDOR, EDU_DEVICE, &dev)) {
-		printf("FAIL: find %04x:%04x on bus 0 (got nothing, want a device)\n",
-		       EDU_VENDOR, EDU_DEVICE);
-		guest_exit(NOT_FOUND);
-	}
-
-	struct pci_bar bar0 = pci_read_bar(&dev, 0);
-
-	if (bar0.io || bar0.address == 0 || bar0.address >= 0x100000000ull) {
-		printf("FAIL: bar0 (got 0x%llx%s, want memory below 4 GiB)\n", bar0.address,
-		       bar0.io ? " in I/O space" : "");
-		guest_exit(BAD_BAR0);
-	}
-	uptr bar = (uptr)bar0.address;
+	pci_require(EDU_VENDOR, EDU_DEVICE, &dev);
+	uptr bar = pci_require_memory_bar(&dev, 0, BAD_BAR0);
 
 	pci_command(&dev, PCI_COMMAND_MEMORY, 0);
-	printf("edu_regs: bar0 0x%llx\n", bar0.address);
+	printf("edu_regs: bar0 0x%llx\n", (u64)bar);
 
 	/* 1000 reads, then 1000 write + read pairs: 3000 accesses, each of them
 	 * one 32-bit load or store (edu answers nothing else below 0x80). */

@@ -35,7 +35,7 @@
 #define SETTLE_MS 100
 
 enum failure {
-	NOT_FOUND = 1, NOT_IO_BAR, BAD_INTX_ROUTE, RX_TIMEOUT, NO_INTERRUPT, BAD_DATA,
+	NOT_FOUND = PCI_NOT_FOUND, NOT_IO_BAR, BAD_INTX_ROUTE, RX_TIMEOUT, NO_INTERRUPT, BAD_DATA,
 };
 
 static u16 port;
@@ -87,11 +87,7 @@ int guest_main(unsigned cpu, unsigned ncpus)
 	(void)ncpus;
 	if (cpu != 0)
 		guest_halt();
-	if (pci_find(MTTY_VENDOR, MTTY_DEVICE, &dev)) {
-		printf("FAIL: find %04x:%04x on bus 0 (got nothing, want a device)\n",
-		       MTTY_VENDOR, MTTY_DEVICE);
-		guest_exit(NOT_FOUND);
-	}
+	pci_require(MTTY_VENDOR, MTTY_DEVICE, &dev);
 
 	struct pci_bar bar0 = pci_read_bar(&dev, 0);
 	u8 gsi = pci_read8(&dev, PCI_INTERRUPT_LINE);

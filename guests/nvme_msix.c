@@ -51,7 +51,7 @@ static const u16 nvme_ids[][2] = { { 0x8086, 0x5845 }, { 0x1b36, 0x0010 } };
 #define CNS_CONTROLLER 1
 
 enum failure {
-	NOT_FOUND = 1, BAD_BAR0, NO_MSIX, BAD_MSIX_TABLE, BAD_CAP, DISABLE_TIMEOUT,
+	NOT_FOUND = PCI_NOT_FOUND, BAD_BAR0, NO_MSIX, BAD_MSIX_TABLE, BAD_CAP, DISABLE_TIMEOUT,
 	ENABLE_TIMEOUT, NO_INTERRUPT, BAD_PHASE, BAD_STATUS, BAD_COMMAND_ID, BAD_IDENTIFY,
 };
 
@@ -234,17 +234,10 @@ int guest_main(unsigned cpu, unsigned ncpus)
 		guest_exit(NOT_FOUND);
 	}
 
-	struct pci_bar bar0 = pci_read_bar(&dev, 0);
-
-	if (bar0.io || bar0.address == 0 || bar0.address >= 0x100000000ull) {
-		printf("FAIL: bar0 (got 0x%llx%s, want memory below 4 GiB)\n", bar0.address,
-		       bar0.io ? " in I/O space" : "");
-		guest_exit(BAD_BAR0);
-	}
-	bar = (uptr)bar0.address;
+	bar = pci_require_memory_bar(&dev, 0, BAD_BAR0);
 	printf("nvme: found %04x:%04x at ", nvme_ids[i][0], nvme_ids[i][1]);
 	pci_print_location(&dev);
-	printf(", bar0 0x%llx\n", bar0.address);
+	printf(", bar0 0x%llx\n", (u64)bar);
 
 	/* Memory decoding, bus mastering (queues, data and MSI-X messages are
 	 * all DMA), and INTx off: MSI-X only. */

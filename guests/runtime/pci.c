@@ -67,6 +67,26 @@ int pci_find(u16 vendor, u16 device, struct pci_dev *d)
 	return -1;
 }
 
+void pci_require(u16 vendor, u16 device, struct pci_dev *d)
+{
+	if (pci_find(vendor, device, d) == 0)
+		return;
+	printf("FAIL: find %04x:%04x on bus 0 (got nothing, want a device)\n", vendor, device);
+	guest_exit(PCI_NOT_FOUND);
+}
+
+uptr pci_require_memory_bar(const struct pci_dev *d, unsigned index, u8 code)
+{
+	struct pci_bar bar = pci_read_bar(d, index);
+
+	if (bar.io || bar.address == 0 || bar.address >= 0x100000000ull) {
+		printf("FAIL: bar%u (got 0x%llx%s, want memory below 4 GiB)\n", index, bar.address,
+		       bar.io ? " in I/O space" : "");
+		guest_exit(code);
+	}
+	return (uptr)bar.address;
+}
+
 struct pci_bar pci_read_bar(const struct pci_dev *d, unsigned index)
 {
 	u8 off = (u8)(PCI_BAR0 + 4 * index);

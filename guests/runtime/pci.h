@@ -76,6 +76,10 @@ static inline void pci_ecam_write32(const struct pci_dev *d, u16 off, u32 v)
 /* Scan bus 0, slots 0-31, function 0, through mechanism #1. Returns 0 and
  * fills *d when vendor:device is there, -1 when it is not. */
 int pci_find(u16 vendor, u16 device, struct pci_dev *d);
+/* The failure code every PCI guest gives "device not found". */
+#define PCI_NOT_FOUND 1
+/* pci_find, or print the FAIL line and guest_exit(PCI_NOT_FOUND). */
+void pci_require(u16 vendor, u16 device, struct pci_dev *d);
 
 /* What a base address register says. pyvmm has already placed every BAR
  * (as firmware would), so the guest only reads them. */
@@ -85,6 +89,9 @@ struct pci_bar {
 	u8 mem64;     /* a 64-bit memory BAR: it also takes the next BAR slot */
 };
 struct pci_bar pci_read_bar(const struct pci_dev *d, unsigned index);
+/* The address of a memory BAR below 4 GiB (where the identity map reaches), or print the
+ * FAIL line and guest_exit(code). */
+uptr pci_require_memory_bar(const struct pci_dev *d, unsigned index, u8 code);
 
 /* Offset of the first capability with this ID, or 0 if there is none. */
 u8 pci_find_cap(const struct pci_dev *d, u8 id);
