@@ -14,6 +14,9 @@ The guest sees the device's own configuration space, except where the VMM must o
   re-arms after every EOI.
 - The capability list shows only what pyvmm supports (MSI, MSI-X, power management, PCI
   Express); the extended space reads as empty. Every other access goes to the device.
+
+One device, one file, as in kvmtool: it is longer than pyvmm's other modules because it is
+the whole device, read top to bottom: set-up, configuration space, BARs, interrupts, teardown.
 """
 
 from __future__ import annotations
@@ -86,23 +89,33 @@ class VfioPciDevice:
     ) -> None:
         self.device, self.slot, self.vm, self.pio, self.mmio = device, slot, vm, pio, mmio
         self.routing, self.memory_slots, self.mmap_bars = routing, slots, mmap_bars
-        self.flags, _, _ = device.get_info()
-        if not self.flags & lib.VFIO_DEVICE_FLAGS_PCI:
-            raise PyvmmError(f"{device.name} is not a PCI device: pyvmm assigns PCI devices only")
-        device.get_region_info(CONFIG)
-        self.command = 0
+        self.flags = self.command = 0
         self.vectors: list[MsiVector] = []
         self.active_irq: int | None = None
         self.intx: IntxLine | None = None
+        self.bars: dict[int, Bar] = {}
+        self.rom: Bar | None = None
+        try:
+            self._set_up(resources)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, resources: PciResources) -> None:
+        device = self.device
+        self.flags, _, _ = device.get_info()
+        if not self.flags & lib.VFIO_DEVICE_FLAGS_PCI:
+            raise PyvmmError(f"{device.name} is not a PCI device: pyvmm assigns PCI devices only")
+        if self.flags & lib.VFIO_DEVICE_FLAGS_RESET:
+            device.reset()  # whatever the last user left behind, before anything is set up
+        device.get_region_info(CONFIG)
         self._place_bars(resources)
         self._find_capabilities()
         pin = self._device_read(pci.INTERRUPT_PIN, 1)
-        self.interrupt_line = pci.intx_gsi(slot, pin) if 1 <= pin <= 4 else 0xFF
+        self.interrupt_line = pci.intx_gsi(self.slot, pin) if 1 <= pin <= 4 else 0xFF
         if 1 <= pin <= 4 and device.get_irq_info(INTX).count:
-            self.intx = IntxLine(device, vm, self.interrupt_line)
+            self.intx = IntxLine(device, self.vm, self.interrupt_line)
             self._enable_intx()
-        if self.flags & lib.VFIO_DEVICE_FLAGS_RESET:
-            device.reset()
         # Firmware leaves decoding off: the guest turns it on.
         device.write(CONFIG, pci.COMMAND, 2, 0)
 
@@ -111,7 +124,6 @@ class VfioPciDevice:
         return self.device.read(CONFIG, offset, size)
 
     def _place_bars(self, resources: PciResources) -> None:
-        self.bars: dict[int, Bar] = {}
         index = 0
         while index < pci.BAR_COUNT:
             region = self.device.get_region_info(index)
