@@ -232,6 +232,9 @@ class Machine:
             raise ConfigurationError("a Machine runs once: build a new one to run again")
         self._ran = True
         lib.pyvmm_install_kick_handler(KICK_SIGNAL)
+        if self.image is not None and self.pci is not None:
+            # 64-bit BARs placed above RAM must be inside the guest's identity map too.
+            write_boot_tables(self.memory, self.mode, self._resources.high_top)
         self._create_vcpus()
         in_main = threading.current_thread() is threading.main_thread()
         return _Run(self, timeout, handle_signals=in_main).result()

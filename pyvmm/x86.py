@@ -52,14 +52,15 @@ class CpuMode(enum.Enum):
     REAL = "real"
 
 
-def write_boot_tables(memory: GuestMemory, mode: CpuMode) -> None:
-    """Write the GDT, and in long mode page tables identity-mapping [0, max(4 GiB, RAM top))."""
+def write_boot_tables(memory: GuestMemory, mode: CpuMode, device_top: int = 0) -> None:
+    """Write the GDT, and in long mode page tables identity-mapping [0, max(4 GiB, RAM top,
+    device_top)) (device_top: the end of any BAR placed above RAM)."""
     if mode is CpuMode.REAL:
         return
     memory.view(GDT_ADDRESS, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
     if mode is not CpuMode.LONG:
         return
-    gigabytes = max(4 * GIB, memory.top + GIB - 1) // GIB
+    gigabytes = max(4 * GIB, memory.top + GIB - 1, device_top + GIB - 1) // GIB
     if PD_ADDRESS + gigabytes * 4096 > PAGE_TABLES_END:
         raise ConfigurationError(
             f"{gigabytes} GiB of guest-physical space is more than pyvmm's boot page tables "

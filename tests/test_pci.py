@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 
 from pyvmm import Machine, guest_path
@@ -18,12 +19,13 @@ from pyvmm.bus import Bus
 from pyvmm.devices.vfio_pci import VfioPciDevice
 from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm
-from pyvmm.memory import GIB, MemorySlots
+from pyvmm.memory import GIB, GuestMemory, MemorySlots
 from pyvmm.pci import config as pci
 from pyvmm.pci.host import ECAM_BASE, PciBus
 from pyvmm.pci.msi import MsiCapability, MsixCapability
 from pyvmm.pci.resources import PciResources
 from pyvmm.vfio import IrqInfo, RegionInfo
+from pyvmm.x86 import CpuMode, write_boot_tables
 
 
 def access(handler, offset: int, size: int, value: int | None = None) -> int:
@@ -57,6 +59,13 @@ def test_bar_placement_is_natural_and_spills_above_ram() -> None:
     assert resources.io(8) == 0xC000 and resources.io(0x20) == 0xC020
     huge = resources.memory(512 << 20, True)  # does not fit in 256 MiB: above 4 GiB
     assert huge >= 4 * GIB and huge % (512 << 20) == 0
+    assert resources.high_top == huge + (512 << 20)
+    # The guest's identity map reaches it (one page directory per GiB, from 0x4000).
+    memory = GuestMemory("16M")
+    write_boot_tables(memory, CpuMode.LONG, resources.high_top)
+    directory = memory.view(0x3000 + 8 * (huge // GIB), 8, np.uint64)[0]
+    assert directory & 1, "the GiB holding the BAR is mapped"
+    memory.close()
 
 
 def test_msi_capability_registers() -> None:

@@ -26,6 +26,8 @@ class PciResources:
         self.next_memory = MEMORY_WINDOW[0]
         self.next_io = IO_WINDOW[0]
         self.next_high = _align(max(4 * GIB, ram_top), GIB)
+        #: One past the highest BAR placed above RAM (0 while there is none).
+        self.high_top = 0
 
     def memory(self, size: int, is_64: bool) -> int:
         """Place a memory BAR of size bytes; returns its guest-physical address."""
@@ -40,7 +42,7 @@ class PciResources:
                 f"[{MEMORY_WINDOW[0]:#x}, {MEMORY_WINDOW[1]:#x}): assign fewer devices"
             )
         base = _align(self.next_high, size)
-        self.next_high = base + size
+        self.next_high = self.high_top = base + size
         return base
 
     def io(self, size: int) -> int:
