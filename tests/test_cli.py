@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,23 @@ def test_signal_stops_the_guest(signum):
     assert process.returncode == ExitStatus.SIGNALLED, stderr
     assert stderr.splitlines()[0] == f"pyvmm: stopped by {signal.Signals(signum).name}"
     assert "Traceback" not in stderr
+
+
+def test_trace_and_stats(pyvmm_cli):
+    completed = pyvmm_cli("run", "hello", "--trace", "--stats", "--timeout", "60")
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stderr.splitlines()
+    trace = [line for line in lines if line.startswith("trace: ")]
+    assert trace[0].startswith("trace: KVM_GET_API_VERSION(")
+    assert any(line.startswith("trace: KVM_CREATE_VM(") and line.endswith(" = 4") for line in trace)
+    assert any("KVM_SET_USER_MEMORY_REGION(slot=0, guest_phys_addr=0x0" in line for line in trace)
+    assert not any("KVM_RUN" in line for line in trace), "run-loop exits are not traced"
+    stats = [line for line in lines if line.startswith("pyvmm: stats: ")]
+    assert re.match(r"pyvmm: stats: \d+ exits \(IO \d+", stats[0]), stats
+    assert any("port 0x3f8 COM1:" in line and "served in C" in line for line in stats)
+
+
+def test_device_that_does_not_exist(pyvmm_cli):
+    completed = pyvmm_cli("run", "hello", "--device", "0000:7f:1f.7")
+    assert completed.returncode == ExitStatus.DEVICE_NOT_FOUND
+    assert completed.stderr.count("\n") == 1 and "pyvmm devices" in completed.stderr
