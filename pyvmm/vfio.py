@@ -389,9 +389,14 @@ _REGISTRATION_KEY = object()
 class VfioRegistration:
     """Proof that a VFIO file is registered with the VM's KVM-VFIO device; opens its devices.
 
-    Obtained only from ``KvmVfioDevice.add_file()``, after KVM_DEV_VFIO_FILE_ADD succeeded: so
-    a device opened through it always finds the VM's kvm pointer at open (see the module doc).
-    ``close()`` issues KVM_DEV_VFIO_FILE_DEL once the devices opened through it are closed.
+    Why this class exists: Documentation/virt/kvm/devices/vfio.rst asks for
+    KVM_DEV_VFIO_FILE_ADD "prior to" VFIO_GROUP_GET_DEVICE_FD and before
+    VFIO_DEVICE_BIND_IOMMUFD, because the open hands the driver's open_device the kvm pointer
+    the file holds at that moment (kvmgt and vfio-ap need it); the kernel accepts the wrong
+    order silently. So the opening ioctls live here, and a registration is obtained only from
+    ``KvmVfioDevice.add_file()``, after KVM_DEV_VFIO_FILE_ADD succeeded: no sequence of public
+    calls opens an unregistered device. ``close()`` issues KVM_DEV_VFIO_FILE_DEL, after the
+    devices opened through it are closed.
     """
 
     def __init__(self, key: object, owner: KvmVfioDevice, file: VfioFile) -> None:

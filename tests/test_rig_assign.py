@@ -178,10 +178,11 @@ def bar_hits(stderr: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def test_bar_mapped_costs_no_exits_trapped_costs_one_each(record_property) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_bar_mapped_costs_no_exits_trapped_costs_one_each(path: str, record_property) -> None:
     edu = rig_env("PYVMM_RIG_EDU")
-    mapped = run_guest("edu_regs", edu, "auto", "--stats")
-    trapped = run_guest("edu_regs", edu, "auto", "--stats", "--no-mmap")
+    mapped = run_guest("edu_regs", edu, path, "--stats")
+    trapped = run_guest("edu_regs", edu, path, "--stats", "--no-mmap")
     for done in (mapped, trapped):
         assert done.returncode == 0, done.stdout + done.stderr
         assert "edu_regs: 3000 accesses ok" in done.stdout
@@ -196,11 +197,12 @@ def test_bar_mapped_costs_no_exits_trapped_costs_one_each(record_property) -> No
     print(f"\nedu_regs: mapped {exits[0]} exits, trapped {exits[1]} exits")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("mapping", ["mmap", "trap"])
-def test_guest_sizes_and_moves_a_bar(mapping: str) -> None:
+def test_guest_sizes_and_moves_a_bar(mapping: str, path: str) -> None:
     edu = rig_env("PYVMM_RIG_EDU")
     extra = ("--no-mmap",) if mapping == "trap" else ()
-    done = run_guest("bar_move", edu, "auto", "--trace", *extra)
+    done = run_guest("bar_move", edu, path, "--trace", *extra)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "bar_move: moved to 0xc8000000, old place empty" in done.stdout
     assert "bar_move: back at 0xc0000000" in done.stdout
@@ -209,9 +211,10 @@ def test_guest_sizes_and_moves_a_bar(mapping: str) -> None:
         index_of(trace, r"KVM_SET_USER_MEMORY_REGION\(slot=\d+, guest_phys_addr=0xc8000000, m")
 
 
-def test_two_devices_take_consecutive_slots() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_two_devices_take_consecutive_slots(path: str) -> None:
     edu, mtty = rig_env("PYVMM_RIG_EDU"), rig_env("PYVMM_RIG_MTTY")
-    args = ("--device", mtty, "--timeout", str(GUEST_TIMEOUT))
+    args = ("--device", mtty, "--vfio", path, "--timeout", str(GUEST_TIMEOUT))
     first = pyvmm("run", "edu_regs", "--device", edu, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     second = pyvmm("run", "mtty", "--device", edu, *args)

@@ -147,7 +147,8 @@ def test_device_in_use_by_another_process(path: str) -> None:
     edu_works(path)
 
 
-def test_memlock_limit_too_low() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_memlock_limit_too_low(path: str) -> None:
     edu = rig_env("PYVMM_RIG_EDU")
 
     def low_memlock_without_ipc_lock() -> None:
@@ -160,7 +161,18 @@ def test_memlock_limit_too_low() -> None:
             "--inh-caps=-ipc_lock",
             "--bounding-set=-ipc_lock",
             "--",
-            *pyvmm_command("run", "hello", "--timeout", "60", "--device", edu, "--memory", "64M"),
+            *pyvmm_command(
+                "run",
+                "hello",
+                "--timeout",
+                "60",
+                "--device",
+                edu,
+                "--vfio",
+                path,
+                "--memory",
+                "64M",
+            ),
         ],
         capture_output=True,
         text=True,
@@ -169,7 +181,7 @@ def test_memlock_limit_too_low() -> None:
         preexec_fn=low_memlock_without_ipc_lock,
     )
     check_failure(done, ExitStatus.MEMLOCK_LIMIT, "ulimit -l")
-    edu_works("auto")
+    edu_works(path)
 
 
 def open_fds() -> set[str]:
@@ -201,6 +213,7 @@ def test_twenty_cycles_some_stopped_by_sigterm() -> None:
         print(f"cycle {cycle} {path}: {result.outcome} in {time.monotonic() - started:.1f}s")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     ("guest", "extra", "status"),
     [
@@ -208,10 +221,12 @@ def test_twenty_cycles_some_stopped_by_sigterm() -> None:
         ("triple_fault", ("--timeout", "120"), ExitStatus.TRIPLE_FAULT),
     ],
 )
-def test_teardown_after_a_timeout_or_a_crash(guest: str, extra: tuple, status: int) -> None:
+def test_teardown_after_a_timeout_or_a_crash(
+    guest: str, extra: tuple, status: int, path: str
+) -> None:
     edu = rig_env("PYVMM_RIG_EDU")
     done = subprocess.run(
-        pyvmm_command("run", guest, "--device", edu, "--trace", *extra),
+        pyvmm_command("run", guest, "--device", edu, "--vfio", path, "--trace", *extra),
         capture_output=True,
         text=True,
         timeout=180,
@@ -220,4 +235,4 @@ def test_teardown_after_a_timeout_or_a_crash(guest: str, extra: tuple, status: i
     assert done.returncode == status, done.stderr
     assert "Traceback" not in done.stderr
     assert "KVM_DEV_VFIO_FILE_DEL" in done.stderr, "teardown ran"
-    edu_works("auto")
+    edu_works(path)
