@@ -287,7 +287,11 @@ class KvmDevice(FileHandle):
     def has_attr(self, group: int, attr: int) -> bool:
         """KVM_HAS_DEVICE_ATTR: whether the device knows this attribute."""
         request = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr})
-        return lib.pyvmm_ioctl(self.fd, lib.KVM_HAS_DEVICE_ATTR, request) == 0
+        detail = f"group={group}, attr={attr}"
+        return (
+            ioctl_result(self.fd, lib.KVM_HAS_DEVICE_ATTR, "KVM_HAS_DEVICE_ATTR", request, detail)
+            == 0
+        )
 
 
 class Vcpu(FileHandle):
