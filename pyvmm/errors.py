@@ -34,6 +34,7 @@ class ExitStatus(enum.IntEnum):
     DEVICE_BUSY = 32  #: the device or its group is already in use by another process
     MEMLOCK_LIMIT = 34  #: RLIMIT_MEMLOCK is too low to pin guest RAM for DMA
     NO_VFIO = 36  #: the host kernel lacks VFIO (or iommufd and the device cdev for --vfio cdev)
+    REBOOT = 38  #: the guest rebooted the machine (reset control register, port 0xCF9)
 
 
 class PyvmmError(Exception):

@@ -122,6 +122,8 @@ def describe_stop(runner: VcpuRunner, stop: VcpuStop) -> tuple[str, int, str]:
             ExitStatus.INTERNAL_ERROR,
             f"KVM internal error on vCPU {index}: {_internal_error(loop)}",
         )
+    if stop is VcpuStop.REBOOT:
+        return "reboot", ExitStatus.REBOOT, f"vCPU {index} rebooted the machine (port 0xCF9)"
     if stop is VcpuStop.SYSTEM_EVENT:
         names = {
             lib.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",

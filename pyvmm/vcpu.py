@@ -32,6 +32,7 @@ class VcpuStop(enum.IntEnum):
     UNHANDLED_EXIT = lib.PYVMM_STOP_UNHANDLED_EXIT
     INTERRUPTED = lib.PYVMM_STOP_INTERRUPTED
     ERROR = lib.PYVMM_STOP_ERROR
+    REBOOT = lib.PYVMM_STOP_REBOOT
     HANDLER_RAISED = 100  #: a Python handler raised; the exception is kept
 
 

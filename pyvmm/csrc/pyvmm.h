@@ -20,6 +20,8 @@ enum pyvmm_handler_kind {
 	PYVMM_HANDLER_POWEROFF = 3,   /* ACPI PM1a control: a write with SLP_EN ends the run, status 0 */
 	PYVMM_HANDLER_FD = 4,         /* pread/pwrite on .fd at .fd_offset + (address - base) */
 	PYVMM_HANDLER_BUFFER = 5,     /* host memory at .device: writes land there, reads come from it */
+	PYVMM_HANDLER_RESET = 7,      /* reset control (port 0xCF9): a write with bit 2 set ends the
+				       * run as a reboot */
 	PYVMM_HANDLER_MSIX = 6,       /* an MSI-X table (struct pyvmm_msix_window in .device) inside
 				       * an fd-forwarded window: table reads come from the emulated
 				       * table, table writes land there and go to Python, the rest is
@@ -67,6 +69,7 @@ enum pyvmm_stop {
 	PYVMM_STOP_UNHANDLED_EXIT = 10,/* an exit reason pyvmm does not handle */
 	PYVMM_STOP_INTERRUPTED = 11,   /* *stop was set */
 	PYVMM_STOP_ERROR = 12,         /* a syscall failed: error holds errno */
+	PYVMM_STOP_REBOOT = 13,        /* the guest reset the machine (reset control register) */
 };
 
 /* Accesses that no range claimed. */

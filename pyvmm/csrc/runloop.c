@@ -13,6 +13,7 @@
 #include "pyvmm.h"
 
 #define ACPI_PM1_SLP_EN (1u << 13)
+#define RESET_CONTROL_RESET_CPU (1u << 2)
 
 /* Binary search: buses hold a handful of ranges, but the lookup is on every exit. */
 static const struct pyvmm_range *bus_find(const struct pyvmm_bus *bus, uint64_t address,
@@ -125,6 +126,12 @@ static int serve_native(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *
 			memcpy(data, (uint8_t *)range->device + offset, inside);
 		}
 		return SERVED;
+	case PYVMM_HANDLER_RESET:
+		if (!is_write) {
+			memset(data, 0, size);
+			return SERVED;
+		}
+		return load_le(data, size) & RESET_CONTROL_RESET_CPU ? PYVMM_STOP_REBOOT : SERVED;
 	case PYVMM_HANDLER_FD:
 		return forward(loop, range, offset, data, size, is_write);
 	case PYVMM_HANDLER_MSIX:

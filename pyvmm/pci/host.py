@@ -55,7 +55,11 @@ class PciBus:
     def __init__(self, pio: Bus, mmio: Bus) -> None:
         self.functions: dict[int, PciFunction] = {0: HostBridge()}
         self.address = 0
-        pio.add(CONF1_ADDRESS_PORT, 8, self._conf1, "PCI conf1")
+        # 0xCF9 between them is the reset control register (devices/power.py): a dword
+        # access at 0xCF8 still arrives here whole, as on a PC chipset.
+        pio.add(CONF1_ADDRESS_PORT, 1, self._conf1, "PCI conf1")
+        pio.add(CONF1_ADDRESS_PORT + 2, 2, self._conf1_spare, "PCI conf1")
+        pio.add(CONF1_DATA_PORT, 4, self._conf1_data, "PCI conf1 data")
         mmio.add(ECAM_BASE, ECAM_SIZE, self._ecam, "PCI ECAM")
 
     def next_free_slot(self) -> int:
@@ -80,6 +84,12 @@ class PciBus:
             return
         value = target.config_read(offset, size) if target is not None else (1 << 8 * size) - 1
         data[:] = value.to_bytes(size, "little")
+
+    def _conf1_spare(self, offset: int, data, is_write: bool) -> None:
+        self._conf1(offset + 2, data, is_write)
+
+    def _conf1_data(self, offset: int, data, is_write: bool) -> None:
+        self._conf1(offset + 4, data, is_write)
 
     def _conf1(self, offset: int, data, is_write: bool) -> None:
         size = len(data)
