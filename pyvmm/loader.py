@@ -119,9 +119,10 @@ def _check_placement(
             )
 
 
-def load_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) -> LoadedImage:
-    """Load an ELF32 or ELF64 x86 executable into guest RAM and return where it landed."""
-    path = Path(path)
+def _plan(
+    path: Path, memory: GuestMemory, real_mode: bool
+) -> tuple[LoadedImage, list[tuple[Segment, int]]]:
+    """Open and check an ELF image: where it goes, and each segment's file offset."""
     try:
         file = path.open("rb")
     except FileNotFoundError:
@@ -139,10 +140,27 @@ def load_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) 
             s.guest_phys_addr <= entry < s.guest_phys_addr + s.memory_size for s in segments
         ):
             raise GuestImageError(f"{path}: entry point {entry:#x} is outside every loaded segment")
+        return LoadedImage(path, entry, elf.elfclass, tuple(segments)), placed
+
+
+def inspect_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) -> LoadedImage:
+    """Make every check load_elf makes and say where the image would go, writing nothing.
+
+    For boot protocols that place more data after the image (multiboot modules): they can
+    check that it all fits before guest RAM is touched.
+    """
+    return _plan(Path(path), memory, real_mode)[0]
+
+
+def load_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) -> LoadedImage:
+    """Load an ELF32 or ELF64 x86 executable into guest RAM and return where it landed."""
+    path = Path(path)
+    image, placed = _plan(path, memory, real_mode)
+    with path.open("rb") as file:
         for segment, offset in placed:
             memory.load_from_file(file, offset, segment.guest_phys_addr, segment.file_size)
             memory.fill(
                 segment.guest_phys_addr + segment.file_size,
                 segment.memory_size - segment.file_size,
             )
-    return LoadedImage(path, entry, elf.elfclass, tuple(segments))
+    return image

@@ -7,6 +7,7 @@ kvmtool and Firecracker do, instead of running firmware that would switch modes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -147,9 +148,19 @@ def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
 
 
 def setup_vcpu(
-    vcpu: Vcpu, mode: CpuMode, entry: int, index: int, count: int, supported_cpuid: Cdata
+    vcpu: Vcpu,
+    mode: CpuMode,
+    entry: int,
+    index: int,
+    count: int,
+    supported_cpuid: Cdata,
+    registers: Mapping[str, int] | None = None,
 ) -> None:
-    """Put a fresh vCPU at the guest's entry, in mode, with its index and the vCPU count."""
+    """Put a fresh vCPU at the guest's entry, in mode, with its index and the vCPU count.
+
+    registers overrides general-purpose registers by kvm_regs field name, for boot protocols
+    that pass more at entry (multiboot: {"rax": 0x2BADB002, "rbx": info address}).
+    """
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
     _set_sregs(vcpu, mode, entry)
     regs = vcpu.get_regs()
@@ -159,5 +170,18 @@ def setup_vcpu(
     regs.rflags = 0x2
     regs.rdi = index
     regs.rsi = count
+    for name, value in (registers or {}).items():
+        setattr(regs, name, value)
     vcpu.set_regs(regs)
+    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED})
+
+
+def setup_waiting_vcpu(vcpu: Vcpu, index: int, supported_cpuid: Cdata) -> None:
+    """Give an application processor its CPUID and MTRRs, and leave it in its reset state.
+
+    With the in-kernel LAPIC, KVM keeps every vCPU but the first waiting for INIT/SIPI
+    (KVM_MP_STATE_UNINITIALIZED), as a PC's APs wait for the OS. INIT resets the registers,
+    not CPUID or the MTRRs, so these are what the AP runs with once the guest starts it.
+    """
+    vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
     vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED})
