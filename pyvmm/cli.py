@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
+from pyvmm.boot import BootProtocol
 from pyvmm.errors import ExitStatus, PyvmmError
 from pyvmm.guests import guest_path
 from pyvmm.hostcli import add_parsers as add_device_parsers
 from pyvmm.ioctl import trace_to
+from pyvmm.multiboot import split_module_list
 from pyvmm.x86 import CpuMode
 
 _STATUSES = "\n".join(
@@ -36,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("guest", nargs="?", default="hello", help="ELF image or bundled guest name")
+    run.add_argument(
+        "guest",
+        nargs="?",
+        default="hello",
+        help="guest image (ELF, or a multiboot kernel) or bundled guest name",
+    )
     run.add_argument("--memory", default="64M", help="guest RAM, e.g. 64M or 4G (default 64M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument(
@@ -44,9 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds")
     run.add_argument(
+        "--boot",
+        choices=[protocol.value for protocol in BootProtocol],
+        help="boot protocol (default: from the image: multiboot if it has a multiboot header, "
+        "else elf, pyvmm's own entry ABI)",
+    )
+    run.add_argument(
+        "--append",
+        default="",
+        metavar="TEXT",
+        help="multiboot kernel command line; the kernel gets 'GUEST TEXT', as from QEMU",
+    )
+    run.add_argument(
+        "--initrd",
+        action="append",
+        default=[],
+        metavar="FILE[,FILE...]",
+        help="multiboot modules, in order; an entry 'FILE ARGS' gives the module a command "
+        "line, ',,' is a comma (QEMU's -initrd syntax; repeatable)",
+    )
+    run.add_argument(
         "--mode",
         choices=[mode.value for mode in CpuMode],
-        help="CPU mode at entry (default: long for ELF64, protected for ELF32)",
+        help="CPU mode at entry of an ELF guest (default: long for ELF64, protected for ELF32; "
+        "multiboot kernels start in protected mode)",
     )
     run.add_argument("--kvm-device", default="/dev/kvm", help="KVM device node (default /dev/kvm)")
     run.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
@@ -113,7 +142,18 @@ def run_command(args: argparse.Namespace) -> int:
         fail_on_unclaimed=args.fail_on_unclaimed,
         kvm_path=args.kvm_device,
     ) as machine:
-        machine.load(guest_path(args.guest), args.mode)
+        image = guest_path(args.guest)
+        # A path given as a path is passed as typed: a multiboot kernel sees it in its
+        # command line, as under QEMU.
+        machine.load(
+            args.guest if image == Path(args.guest) else image,
+            args.mode,
+            boot=args.boot,
+            append=args.append,
+            initrd=[entry for value in args.initrd for entry in split_module_list(value)],
+        )
+        for warning in machine.boot.warnings:
+            print(f"pyvmm: warning: {warning}", file=sys.stderr)
         for device in args.device:
             machine.assign(device, vfio=args.vfio, mmap=not args.no_mmap)
         if args.serial == "stdio" and _is_open(0):

@@ -14,6 +14,7 @@ import contextlib
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 from pyvmm import hostdev
 from pyvmm._native import ffi, lib
 from pyvmm.assign import VfioAssignments
+from pyvmm.boot import BootPlan, BootProtocol, load_guest
 from pyvmm.bus import Bus, NativeHandler, PythonHandler
 from pyvmm.devices.debug_exit import add_debug_exit
 from pyvmm.devices.power import add_power_off
@@ -30,7 +32,7 @@ from pyvmm.devices.vfio_pci import VfioPciDevice
 from pyvmm.errors import ConfigurationError, ExitStatus
 from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm, Vcpu
-from pyvmm.loader import LoadedImage, load_elf
+from pyvmm.loader import LoadedImage
 from pyvmm.memory import GuestMemory, MemorySlots
 from pyvmm.pci.config import PciFunction
 from pyvmm.pci.host import PciBus
@@ -42,6 +44,7 @@ from pyvmm.x86 import (
     VMX_TSS_ADDRESS,
     CpuMode,
     setup_vcpu,
+    setup_waiting_vcpu,
     write_boot_tables,
 )
 
@@ -74,6 +77,7 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self.image: LoadedImage | None = None
         self.mode: CpuMode | None = None
+        self.boot: BootPlan | None = None
         self.serial: Serial16550 | None = None
         self.memory: GuestMemory | None = None
         self._ran = False
@@ -180,13 +184,22 @@ class Machine:
         self.assigned.append(assigned)
         return assigned
 
-    def load(self, path: str | Path, mode: CpuMode | str | None = None) -> LoadedImage:
-        """Load an ELF guest; mode defaults to long for ELF64 and protected for ELF32."""
-        mode = CpuMode(mode) if mode is not None else None
-        self.image = load_elf(self.memory, path, real_mode=mode is CpuMode.REAL)
-        self.mode = mode or (CpuMode.LONG if self.image.elf_class == 64 else CpuMode.PROTECTED)
-        if self.mode is CpuMode.LONG and self.image.elf_class != 64:
-            raise ConfigurationError(f"{path} is ELF32: it cannot be entered in long mode")
+    def load(
+        self,
+        path: str | Path,
+        mode: CpuMode | str | None = None,
+        boot: BootProtocol | str | None = None,
+        append: str = "",
+        initrd: Sequence[str | Path] = (),
+    ) -> LoadedImage:
+        """Load a guest with the protocol it speaks, or boot: see boot.load_guest.
+
+        A multiboot kernel boots like a PC: in-kernel irqchip on, only vCPU 0 started.
+        """
+        plan = load_guest(self.memory, path, mode=mode, boot=boot, append=append, initrd=initrd)
+        if plan.boot_cpu_only:
+            self.enable_irqchip()
+        self.boot, self.image, self.mode = plan, plan.image, plan.mode
         write_boot_tables(self.memory, self.mode)
         return self.image
 
@@ -221,7 +234,11 @@ class Machine:
         for index in range(self.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
-            setup_vcpu(vcpu, self.mode, self.image.entry, index, self.cpus, cpuid)
+            if self.boot.boot_cpu_only and index:
+                setup_waiting_vcpu(vcpu, index, cpuid)  # the guest starts it with INIT/SIPI
+                continue
+            registers = self.boot.registers
+            setup_vcpu(vcpu, self.mode, self.image.entry, index, self.cpus, cpuid, registers)
             if self.irqchip and index:
                 # With an in-kernel LAPIC, APs wait for INIT/SIPI; ours start at the entry.
                 vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)

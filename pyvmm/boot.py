@@ -1,0 +1,133 @@
+"""Boot protocols: which one an image speaks, loading it, and how its CPUs are entered.
+
+``pyvmm run IMAGE`` picks the protocol from the image, as QEMU's -kernel does, and
+``--boot`` forces one:
+
+* "multiboot": a valid multiboot v1 header in the first 8192 bytes (multiboot.py). A PC-style
+  boot: only the boot CPU starts; the others wait in the in-kernel LAPIC for INIT/SIPI.
+* "elf": anything else, with pyvmm's own entry ABI (loader.py, docs/guest-abi.md): every
+  vCPU at the entry at once, its index and the count in RDI/RSI.
+* "linux" (not yet): the Linux x86 boot protocol will be recognised here first, by "HdrS"
+  at offset 0x202, as QEMU tests for it before it looks for a multiboot header.
+
+Each protocol module loads the image into guest RAM; this one returns a BootPlan that tells
+the Machine how to create and enter the vCPUs.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyvmm.errors import ConfigurationError, GuestImageError
+from pyvmm.loader import LoadedImage, load_elf
+from pyvmm.memory import GuestMemory
+from pyvmm.multiboot import (
+    BOOTLOADER_MAGIC,
+    HEADER_SEARCH,
+    MultibootInfo,
+    find_header,
+    load_multiboot,
+)
+from pyvmm.x86 import CpuMode
+
+
+class BootProtocol(enum.Enum):
+    """How a guest image is loaded and entered."""
+
+    ELF = "elf"
+    MULTIBOOT = "multiboot"
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """A loaded guest and what its vCPUs need at entry."""
+
+    protocol: BootProtocol
+    image: LoadedImage
+    mode: CpuMode
+    #: General-purpose registers the boot CPU gets on top of the mode's defaults.
+    registers: Mapping[str, int] = field(default_factory=dict)
+    #: A PC-style start: vCPU 0 only, the others left to INIT/SIPI through the in-kernel
+    #: LAPIC (which this needs). False: every vCPU at the entry at once.
+    boot_cpu_only: bool = False
+    multiboot: MultibootInfo | None = None
+    #: Things worth telling the user that do not stop the boot (one line each).
+    warnings: tuple[str, ...] = ()
+
+
+def _read_head(path: Path) -> tuple[bytes, int]:
+    try:
+        with path.open("rb") as file:
+            return file.read(HEADER_SEARCH), os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        raise GuestImageError(f"guest image {path} not found: check the path") from None
+    except IsADirectoryError:
+        raise GuestImageError(f"guest image {path} is a directory: give a file") from None
+    except OSError as error:
+        raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
+
+
+def load_guest(
+    memory: GuestMemory,
+    path: str | Path,
+    *,
+    mode: CpuMode | str | None = None,
+    boot: BootProtocol | str | None = None,
+    append: str = "",
+    initrd: Sequence[str | Path] = (),
+) -> BootPlan:
+    """Recognise the image's boot protocol (or use boot), load it and say how to enter it.
+
+    mode is the CPU mode of an ELF guest (default: long for ELF64, protected for ELF32).
+    append and initrd are a multiboot kernel's command line (after its path, as QEMU writes
+    it) and modules ("FILE" or "FILE ARGS" each, loaded in order).
+    """
+    mode = CpuMode(mode) if mode is not None else None
+    try:
+        protocol = BootProtocol(boot) if boot is not None else None
+    except ValueError:
+        choices = ", ".join(p.value for p in BootProtocol)
+        raise ConfigurationError(f"unknown boot protocol {boot!r}: use {choices}") from None
+    path_text = os.fspath(path)
+    head, size = _read_head(Path(path))
+    header = None
+    if protocol in (None, BootProtocol.MULTIBOOT):
+        header = find_header(Path(path), head, size)
+        if header is None and protocol is BootProtocol.MULTIBOOT:
+            raise GuestImageError(
+                f"{path}: no multiboot header (magic 0x1badb002, 4-byte aligned) in its first "
+                f"{HEADER_SEARCH} bytes: it is not a multiboot kernel"
+            )
+        protocol = BootProtocol.MULTIBOOT if header is not None else BootProtocol.ELF
+
+    if protocol is BootProtocol.MULTIBOOT:
+        if mode not in (None, CpuMode.PROTECTED):
+            raise ConfigurationError(
+                f"a multiboot kernel is entered in 32-bit protected mode, not {mode.value}: "
+                "drop --mode"
+            )
+        info = load_multiboot(memory, path_text, header, append=append, modules=initrd)
+        return BootPlan(
+            protocol,
+            info.image,
+            CpuMode.PROTECTED,
+            registers={"rax": BOOTLOADER_MAGIC, "rbx": info.address},
+            boot_cpu_only=True,
+            multiboot=info,
+            warnings=info.warnings,
+        )
+
+    if append or initrd:
+        raise ConfigurationError(
+            f"--append and --initrd are for multiboot kernels: {path} boots with pyvmm's ELF "
+            "entry ABI, which has no command line or modules"
+        )
+    image = load_elf(memory, path, real_mode=mode is CpuMode.REAL)
+    chosen = mode or (CpuMode.LONG if image.elf_class == 64 else CpuMode.PROTECTED)
+    if chosen is CpuMode.LONG and image.elf_class != 64:
+        raise ConfigurationError(f"{path} is ELF32: it cannot be entered in long mode")
+    return BootPlan(protocol, image, chosen)

@@ -1,0 +1,479 @@
+"""Multiboot (version 1) boot, as QEMU's ``-kernel`` does it.
+
+The Multiboot Specification 0.6.96 says how a boot loader finds, loads and enters a kernel;
+QEMU's hw/i386/multiboot.c and its option ROM (pc-bios/optionrom/multiboot.S) say what a
+kernel written against ``qemu-system-x86_64 -kernel K -append A -initrd "M1 ARGS,M2"`` gets.
+pyvmm builds the same, without a BIOS:
+
+1. The header: magic 0x1BADB002, 4-byte aligned in the first 8192 bytes of the file, with
+   magic + flags + checksum == 0 (mod 2^32). Flag bits 0-15 are requirements: bit 0 (page-
+   aligned modules) and bit 1 (memory information) are always met; bit 2 (a video mode) is
+   ignored with a warning, as QEMU does; any other is refused, as the spec asks.
+2. The image: an ELF32 file through pyvmm's ELF loader (by physical addresses), or, with
+   flag bit 16 (the "a.out kludge"), the bytes the header's address fields describe, from any
+   file. ELF64 without bit 16 is refused, as QEMU refuses it.
+3. After the image, page-aligned: the module list, the module strings, the kernel's command
+   line (its path, a space, then the --append text, as QEMU writes it) and the boot loader
+   name; then each module, page-aligned, in the order given.
+4. Below 1 MiB, where QEMU's option ROM puts them: the memory map at 0x9000 and the
+   information structure at 0x9500.
+5. Entry: 32-bit protected mode, flat segments, paging and interrupts off, EAX = 0x2BADB002,
+   EBX = 0x9500 (x86.py and boot.py do that part).
+
+Every check runs before anything is written to guest RAM, and each failure is a
+GuestImageError naming the file, the problem and the fix. docs/guest-abi.md ("Multiboot")
+has the resulting memory layout.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvmm.errors import ConfigurationError, GuestImageError
+from pyvmm.loader import PROTECTED_LOAD_MIN, LoadedImage, Segment, inspect_elf, load_elf
+from pyvmm.memory import HIGH_RAM_START, MIB, PAGE_SIZE, GuestMemory
+from pyvmm.x86 import VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS
+
+HEADER_MAGIC = 0x1BADB002
+#: What the kernel finds in EAX: proof that a multiboot loader entered it.
+BOOTLOADER_MAGIC = 0x2BADB002
+#: The header lies completely within this many bytes from the start of the file.
+HEADER_SEARCH = 8192
+
+# Header flags. Bits 0-15 are requirements a loader must meet or refuse; 16-31 are optional.
+FLAG_PAGE_ALIGN = 1 << 0
+FLAG_MEMORY_INFO = 1 << 1
+FLAG_VIDEO_MODE = 1 << 2
+FLAG_ADDRESS_FIELDS = 1 << 16  #: the "a.out kludge": load by the header, not by ELF
+REQUIRED_FLAGS = 0xFFFF
+HONOURED_FLAGS = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO | FLAG_VIDEO_MODE
+
+#: Header length: magic, flags and checksum; the address fields; the video fields.
+HEADER_SIZE, ADDRESS_HEADER_SIZE, VIDEO_HEADER_SIZE = 12, 32, 48
+
+# Information structure flags: what pyvmm fills in (QEMU's set).
+INFO_MEMORY = 1 << 0
+INFO_BOOT_DEVICE = 1 << 1
+INFO_CMDLINE = 1 << 2
+INFO_MODS = 1 << 3
+INFO_MMAP = 1 << 6
+INFO_BOOT_LOADER_NAME = 1 << 9
+INFO_FLAGS = (
+    INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
+)
+
+#: Where QEMU's option ROM builds the memory map and the information structure: in
+#: conventional memory below any kernel (loaded at 1 MiB or above) and clear of pyvmm's GDT.
+MMAP_ADDRESS = 0x9000
+INFO_ADDRESS = 0x9500
+#: The fields up to the VBE ones, as QEMU writes them: flags ... vbe_interface_len.
+INFO_SIZE = 88
+#: BIOS drive 0x80 (the first hard disk), no partition: what QEMU reports.
+BOOT_DEVICE = 0x8000FFFF
+BOOT_LOADER_NAME = "pyvmm"
+
+#: One memory map entry: size (of the rest, 20), base_addr, length, type.
+_MMAP_ENTRY = struct.Struct("<IQQI")
+MMAP_MAX_ENTRIES = (INFO_ADDRESS - MMAP_ADDRESS) // _MMAP_ENTRY.size
+#: mod_start, mod_end (one past the last byte, as QEMU and GRUB), string, reserved.
+_MODULE = struct.Struct("<IIII")
+_HEADER = struct.Struct("<12I")
+
+E820_RAM = 1
+E820_RESERVED = 2
+#: The end of the usable conventional memory a PC's BIOS reports (the EBDA follows).
+LOW_RAM_END = 0x9FC00
+#: pyvmm's PCI ECAM window (docs/guest-abi.md): reserved, as SeaBIOS reserves q35's.
+ECAM_BASE, ECAM_SIZE = 0xE000_0000, 0x1000_0000
+
+
+@dataclass(frozen=True)
+class MemoryRange:
+    """One entry of the memory map: [base, base + length) of a type (1: usable RAM)."""
+
+    base: int
+    length: int
+    type: int
+
+
+@dataclass(frozen=True)
+class MultibootHeader:
+    """A multiboot header found in an image: where, its flags and its address fields."""
+
+    offset: int  #: file offset of the magic
+    flags: int
+    header_addr: int = 0
+    load_addr: int = 0
+    load_end_addr: int = 0
+    bss_end_addr: int = 0
+    entry_addr: int = 0
+
+    @property
+    def address_fields(self) -> bool:
+        """Whether flag bit 16 says to load by the address fields (the a.out kludge)."""
+        return bool(self.flags & FLAG_ADDRESS_FIELDS)
+
+
+@dataclass(frozen=True)
+class MultibootModule:
+    """One module as placed in guest RAM."""
+
+    path: Path
+    string: str  #: its command line: the whole --initrd entry, file name first
+    start: int
+    end: int  #: one past its last byte
+    string_address: int
+
+
+@dataclass(frozen=True)
+class MultibootInfo:
+    """What load_multiboot put in guest RAM, and what the kernel is entered with."""
+
+    image: LoadedImage
+    header: MultibootHeader
+    address: int  #: of the information structure: EBX at entry
+    cmdline: str
+    modules: tuple[MultibootModule, ...]
+    memory_map: tuple[MemoryRange, ...]
+    mem_lower: int  #: KiB
+    mem_upper: int  #: KiB
+    warnings: tuple[str, ...] = ()
+
+
+def memory_map(memory: GuestMemory) -> list[MemoryRange]:
+    """The memory map a PC's BIOS reports (int 15h, e820) for pyvmm's RAM, by address.
+
+    QEMU's is SeaBIOS's: usable RAM up to the EBDA at 0x9FC00, the BIOS area 0xF0000-0xFFFFF
+    reserved, RAM from 1 MiB. On q35 it also reserves the PCIe MMCONFIG window, and under KVM
+    the pages of Intel VMX's TSS and identity map; pyvmm has both, elsewhere (its ECAM at
+    0xE0000000, its VMX pages at 0xFFFBC000). What pyvmm has no counterpart for is left out:
+    SeaBIOS's own data at the top of low RAM, q35's chipset registers at 0xFED1C000 and the
+    BIOS ROM at 0xFFFC0000. Like QEMU, the PCI memory window and the IOAPIC and local APIC
+    pages are not listed: a gap is not RAM, and the OS finds the APICs in the ACPI tables.
+    """
+    low = memory.regions[0]
+    ranges = [
+        MemoryRange(0, LOW_RAM_END, E820_RAM),
+        MemoryRange(LOW_RAM_END, 0xA0000 - LOW_RAM_END, E820_RESERVED),
+        MemoryRange(0xF0000, 0x10000, E820_RESERVED),
+    ]
+    if low.end > MIB:
+        ranges.append(MemoryRange(MIB, low.end - MIB, E820_RAM))
+    vmx_start = min(VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS)
+    vmx_end = max(VMX_IDENTITY_MAP_ADDRESS + PAGE_SIZE, VMX_TSS_ADDRESS + 3 * PAGE_SIZE)
+    ranges.append(MemoryRange(ECAM_BASE, ECAM_SIZE, E820_RESERVED))
+    ranges.append(MemoryRange(vmx_start, vmx_end - vmx_start, E820_RESERVED))
+    ranges += [
+        MemoryRange(region.guest_phys_addr, region.size, E820_RAM)
+        for region in memory.regions
+        if region.guest_phys_addr >= HIGH_RAM_START
+    ]
+    return sorted(ranges, key=lambda r: r.base)
+
+
+def split_module_list(text: str) -> list[str]:
+    """Split an --initrd value into module entries at commas, ",," standing for a comma.
+
+    That is QEMU's option syntax for -initrd "mod1 arg1 arg2,mod2": each entry is a file
+    name, optionally followed by a space and the module's arguments.
+    """
+    entries, current, index = [], [], 0
+    while index < len(text):
+        char = text[index]
+        if char == ",":
+            if text.startswith(",,", index):
+                current.append(",")
+                index += 2
+                continue
+            entries.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        index += 1
+    entries.append("".join(current))
+    return entries
+
+
+def find_header(path: Path, head: bytes, file_size: int) -> MultibootHeader | None:
+    """The multiboot header in head (the file's first bytes), or None if there is no magic.
+
+    A magic whose checksum fails is skipped, as QEMU and GRUB do, but if no valid header
+    follows it is reported (GuestImageError): a kernel with a broken header should hear why
+    it is not booted as multiboot. So is a header cut short by the end of the file.
+    """
+    limit = min(len(head), HEADER_SEARCH, file_size)
+    bad_checksum = None
+    for offset in range(0, limit - 3, 4):
+        if struct.unpack_from("<I", head, offset)[0] != HEADER_MAGIC:
+            continue
+        if offset + HEADER_SIZE > limit:
+            raise GuestImageError(
+                f"{path}: truncated multiboot header: the magic at offset {offset:#x} is not "
+                f"followed by flags and checksum (the file ends at {file_size:#x}): rebuild it"
+            )
+        flags, checksum = struct.unpack_from("<II", head, offset + 4)
+        if (HEADER_MAGIC + flags + checksum) & 0xFFFFFFFF:
+            bad_checksum = bad_checksum or (offset, flags, checksum)
+            continue
+        size = HEADER_SIZE
+        if flags & FLAG_ADDRESS_FIELDS:
+            size = ADDRESS_HEADER_SIZE
+        if flags & FLAG_VIDEO_MODE:
+            size = VIDEO_HEADER_SIZE
+        if offset + size > limit:
+            raise GuestImageError(
+                f"{path}: truncated multiboot header: flags {flags:#x} make it {size} bytes "
+                f"from offset {offset:#x}, past the end of the "
+                f"{'file' if limit == file_size else 'first 8192 bytes'}: rebuild it"
+            )
+        fields = _HEADER.unpack_from(head[offset : offset + size] + bytes(48 - size))
+        return MultibootHeader(offset, flags, *fields[3:8])
+    if bad_checksum is not None:
+        offset, flags, checksum = bad_checksum
+        raise GuestImageError(
+            f"{path}: bad multiboot header checksum at offset {offset:#x}: magic + flags "
+            f"{flags:#x} + checksum {checksum:#x} is not 0 mod 2^32: fix the header "
+            "(or boot it with --boot elf)"
+        )
+    return None
+
+
+def _check_flags(path: Path, header: MultibootHeader) -> tuple[str, ...]:
+    unsupported = header.flags & REQUIRED_FLAGS & ~HONOURED_FLAGS
+    if unsupported:
+        raise GuestImageError(
+            f"{path}: the multiboot header requires features pyvmm does not know "
+            f"(flag bits {unsupported:#06x}; only bits 0-2 are defined): "
+            "the spec says to refuse such a kernel"
+        )
+    if header.flags & FLAG_VIDEO_MODE:
+        return (
+            f"{path} asks for a video mode (multiboot flag bit 2): pyvmm has no display, "
+            "so it is ignored, as QEMU ignores it",
+        )
+    return ()
+
+
+@dataclass(frozen=True)
+class _RawImage:
+    """Where the a.out-kludge fields say the image goes."""
+
+    file_offset: int
+    load_size: int
+    end: int  #: of the image including bss
+
+
+def _raw_image(path: Path, header: MultibootHeader, file_size: int) -> _RawImage:
+    """Check the address fields against each other and the file (Multiboot 3.1.3)."""
+    h = header
+    if h.load_addr > h.header_addr:
+        raise GuestImageError(
+            f"{path}: multiboot load_addr {h.load_addr:#x} is above header_addr "
+            f"{h.header_addr:#x}: the spec requires load_addr <= header_addr"
+        )
+    file_offset = h.offset - (h.header_addr - h.load_addr)
+    if file_offset < 0:
+        raise GuestImageError(
+            f"{path}: multiboot header_addr - load_addr ({h.header_addr - h.load_addr:#x}) is "
+            f"more than the header's file offset ({h.offset:#x}): the address fields are "
+            "inconsistent"
+        )
+    if h.load_end_addr == 0:
+        load_size = file_size - file_offset  # text and data are the rest of the file
+    elif h.load_end_addr < h.load_addr:
+        raise GuestImageError(
+            f"{path}: multiboot load_end_addr {h.load_end_addr:#x} is below load_addr "
+            f"{h.load_addr:#x}: the address fields are inconsistent"
+        )
+    else:
+        load_size = h.load_end_addr - h.load_addr
+        if file_offset + load_size > file_size:
+            raise GuestImageError(
+                f"{path} is truncated: multiboot load_end_addr {h.load_end_addr:#x} needs "
+                f"{load_size:#x} bytes from file offset {file_offset:#x}, the file has "
+                f"{file_size:#x}: rebuild or re-copy it"
+            )
+    end = h.load_addr + load_size
+    if h.bss_end_addr:
+        if h.bss_end_addr < end:
+            raise GuestImageError(
+                f"{path}: multiboot bss_end_addr {h.bss_end_addr:#x} is below the end of the "
+                f"loaded image {end:#x}: the address fields are inconsistent"
+            )
+        end = h.bss_end_addr
+    if not h.load_addr <= h.entry_addr < h.load_addr + load_size:
+        raise GuestImageError(
+            f"{path}: multiboot entry_addr {h.entry_addr:#x} is outside the loaded image "
+            f"[{h.load_addr:#x}, {h.load_addr + load_size:#x})"
+        )
+    return _RawImage(file_offset, load_size, end)
+
+
+def _check_in_ram(path: Path, memory: GuestMemory, start: int, end: int) -> None:
+    if start < PROTECTED_LOAD_MIN or not memory.contains(start, end - start):
+        raise GuestImageError(
+            f"{path}: the multiboot image [{start:#x}, {end:#x}) lies outside guest RAM above "
+            f"1 MiB (RAM ends at {memory.regions[0].end:#x} below the 3 GiB hole): relink the "
+            "kernel or give it more --memory"
+        )
+
+
+def _read_modules(entries: Sequence[str]) -> list[tuple[str, Path, bytes]]:
+    modules = []
+    for entry in entries:
+        entry = os.fspath(entry)
+        if "\0" in entry:
+            raise ConfigurationError("a module entry has a NUL character: remove it")
+        name = entry.split(" ", 1)[0]
+        if not name:
+            raise ConfigurationError(
+                f"module entry {entry!r} has no file name: give FILE or 'FILE ARGS' per module"
+            )
+        path = Path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise GuestImageError(f"multiboot module {path} not found: check the path") from None
+        except OSError as error:
+            raise GuestImageError(
+                f"cannot read multiboot module {path}: {error.strerror}"
+            ) from None
+        modules.append((entry, path, data))
+    return modules
+
+
+def _page_align(address: int) -> int:
+    return (address + PAGE_SIZE - 1) & -PAGE_SIZE
+
+
+def _cstring(text: str) -> bytes:
+    return os.fsencode(text) + b"\0"
+
+
+def load_multiboot(
+    memory: GuestMemory,
+    path: str | Path,
+    header: MultibootHeader,
+    *,
+    append: str = "",
+    modules: Sequence[str | Path] = (),
+) -> MultibootInfo:
+    """Load a multiboot kernel, its modules and its boot information into guest RAM.
+
+    header is what find_header found in the file; append is the command line after the
+    kernel's path; modules are "FILE" or "FILE ARGS" entries, loaded in order.
+    """
+    name = os.fspath(path)
+    path = Path(path)
+    if "\0" in append:
+        raise ConfigurationError("the --append text has a NUL character: remove it")
+    warnings = _check_flags(path, header)
+    try:
+        file_size = path.stat().st_size
+    except OSError as error:
+        raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
+    raw = None
+    if header.address_fields:
+        raw = _raw_image(path, header, file_size)
+        start, end, entry = header.load_addr, raw.end, header.entry_addr
+        _check_in_ram(path, memory, start, end)
+    else:
+        with path.open("rb") as file:
+            ident = file.read(5)
+        if ident[:4] != b"\x7fELF":
+            raise GuestImageError(
+                f"{path} has a multiboot header without the address fields (flag bit 16) and "
+                "is not an ELF file: link it as ELF32 or fill in the address fields"
+            )
+        if ident[4:5] != b"\x01":
+            raise GuestImageError(
+                f"{path} is an ELF64 multiboot image: multiboot loads 32-bit ELF only (QEMU "
+                "refuses it too: 'Cannot load x86-64 image, give a 32bit one'): link it as "
+                "ELF32, or set flag bit 16 and the header's address fields"
+            )
+    loaded = _read_modules(modules)
+    cmdline = f"{name} {append}"  # QEMU's "%s %s": a trailing space when there is no append
+
+    if raw is None:
+        # The ELF loader's checks (every segment in RAM above 1 MiB, no overlap), and
+        # where the image ends: the modules go after it.
+        image = inspect_elf(memory, path)
+        start = min(s.guest_phys_addr for s in image.segments)
+        end = max(s.guest_phys_addr + s.memory_size for s in image.segments)
+    else:
+        image = LoadedImage(path, entry, 32, (Segment(start, raw.load_size, end - start),))
+
+    # After the image, as QEMU: the module list, then the strings, then the modules.
+    info_area = _page_align(end)
+    strings_at = info_area + _MODULE.size * len(loaded)
+    strings = bytearray()
+
+    def add_string(text: str) -> int:
+        address = strings_at + len(strings)
+        strings.extend(_cstring(text))
+        return address
+
+    module_strings = [add_string(entry) for entry, _, _ in loaded]
+    cmdline_address = add_string(cmdline)
+    loader_name_address = add_string(BOOT_LOADER_NAME)
+    placed, at = [], _page_align(strings_at + len(strings))
+    for (entry, module_path, data), string_address in zip(loaded, module_strings, strict=True):
+        placed.append(MultibootModule(module_path, entry, at, at + len(data), string_address))
+        at = _page_align(at + len(data))
+    top = max(strings_at + len(strings), placed[-1].end if placed else 0)
+    if not memory.contains(info_area, top - info_area):
+        raise GuestImageError(
+            f"the multiboot modules and boot information need RAM up to {top:#x} after the "
+            f"kernel, but RAM below the 3 GiB hole ends at {memory.regions[0].end:#x}: "
+            "give the guest more --memory or smaller modules"
+        )
+
+    mmap = memory_map(memory)
+    if len(mmap) > MMAP_MAX_ENTRIES:  # cannot happen with pyvmm's RAM layout; a guard
+        raise ConfigurationError(f"{len(mmap)} memory map entries do not fit below 0x9500")
+    mem_lower = LOW_RAM_END // 1024
+    mem_upper = (memory.regions[0].end - MIB) // 1024 if memory.regions[0].end > MIB else 0
+
+    # Everything is checked: write.
+    if raw is None:
+        load_elf(memory, path)
+    else:
+        with path.open("rb") as file:
+            memory.load_from_file(file, raw.file_offset, start, raw.load_size)
+        memory.fill(start + raw.load_size, end - start - raw.load_size)
+    memory.fill(info_area, top - info_area)
+    for index, module in enumerate(placed):
+        memory.write(
+            info_area + _MODULE.size * index,
+            _MODULE.pack(module.start, module.end, module.string_address, 0),
+        )
+        memory.write(module.start, loaded[index][2])
+    memory.write(strings_at, strings)
+    memory.fill(MMAP_ADDRESS, INFO_ADDRESS + INFO_SIZE - MMAP_ADDRESS)
+    memory.write(
+        MMAP_ADDRESS,
+        b"".join(_MMAP_ENTRY.pack(_MMAP_ENTRY.size - 4, r.base, r.length, r.type) for r in mmap),
+    )
+    info = bytearray(INFO_SIZE)
+    struct.pack_into(
+        "<7I", info, 0, INFO_FLAGS, mem_lower, mem_upper, BOOT_DEVICE, cmdline_address,
+        len(placed), info_area,
+    )  # fmt: skip
+    struct.pack_into("<II", info, 44, _MMAP_ENTRY.size * len(mmap), MMAP_ADDRESS)
+    struct.pack_into("<I", info, 64, loader_name_address)
+    memory.write(INFO_ADDRESS, info)
+    return MultibootInfo(
+        image=image,
+        header=header,
+        address=INFO_ADDRESS,
+        cmdline=cmdline,
+        modules=tuple(placed),
+        memory_map=tuple(mmap),
+        mem_lower=mem_lower,
+        mem_upper=mem_upper,
+        warnings=warnings,
+    )
