@@ -8,7 +8,7 @@
  *   qemu-system-x86_64 -kernel multiboot_info.elf -append "a b" -initrd "m1 x y,m2"
  *
  * Output, one item per line (numbers in hex unless the name says KiB):
- *   magic M, info at A, flags F, mem_lower/mem_upper, boot_device,
+ *   magic M, info at A, entry cr0/eflags, flags F, mem_lower/mem_upper, boot_device,
  *   cmdline "..", boot_loader_name "..", one "mmap BASE LENGTH TYPE" per
  *   entry, "mods N", one "mod I START END "string" fnv1a H first line "..""
  *   per module, then "memory info matches the map" and "layout ok", or a
@@ -23,6 +23,7 @@
 
 enum failure {
 	BAD_MAGIC = 1,
+	BAD_ENTRY_STATE,
 	MISSING_FIELDS,
 	BAD_MEMORY_INFO,
 	BAD_LAYOUT,
@@ -178,6 +179,13 @@ int multiboot_main(u32 magic, const struct multiboot_info *mbi)
 	}
 	info = mbi;
 	printf("info at %08x\n", (u32)(uptr)mbi);
+	/* The spec's machine state: protected mode (CR0.PE), paging off
+	 * (CR0.PG), interrupts off (EFLAGS.IF), not virtual-8086 (EFLAGS.VM). */
+	printf("entry cr0 %08x eflags %08x\n", entry_cr0, entry_eflags);
+	if (!(entry_cr0 & 1) || (entry_cr0 & 0x80000000u) || (entry_eflags & 0x20200)) {
+		print("FAIL: entry state\n");
+		return BAD_ENTRY_STATE;
+	}
 	printf("flags %08x\n", mbi->flags);
 	if ((mbi->flags & needed) != needed) {
 		printf("FAIL: flags lack %08x\n", needed & ~mbi->flags);

@@ -44,6 +44,12 @@ multiboot_header:
 	.type _start, @function
 _start:
 	movl $stack_top, %esp
+	/* Keep the entry state for the kernel to check: nothing before this
+	 * line touches EFLAGS or CR0, and EAX/EBX stay as the loader set them. */
+	pushfl
+	popl entry_eflags
+	movl %cr0, %ecx
+	movl %ecx, entry_cr0
 	/* i386 calling convention: arguments on the stack, esp 16-byte
 	 * aligned at the call (the padding), as gcc assumes. */
 	subl $8, %esp
@@ -61,6 +67,12 @@ _start:
 	.size _start, . - _start
 
 	.section .bss
+	.balign 4
+	.globl entry_eflags, entry_cr0
+entry_eflags:
+	.long 0
+entry_cr0:
+	.long 0
 	.balign 16
 stack:
 	.skip STACK_SIZE

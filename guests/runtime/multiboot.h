@@ -66,4 +66,7 @@ int multiboot_main(u32 magic, const struct multiboot_info *mbi);
  * not have put anything on. */
 extern char __image_start[], __image_end[];
 
+/* EFLAGS and CR0 as the boot loader left them, saved by _start. */
+extern u32 entry_eflags, entry_cr0;
+
 #endif
