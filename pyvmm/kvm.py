@@ -140,8 +140,12 @@ class Vm(FileHandle):
         _ioctl_value(self.fd, lib.KVM_CREATE_IRQCHIP, "KVM_CREATE_IRQCHIP")
 
     def create_pit2(self) -> None:
-        """Create the in-kernel i8254 PIT, with a dummy speaker port."""
-        config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
+        """Create the in-kernel i8254 PIT, with port 0x61 (speaker gate and channel 2 output).
+
+        Not KVM_PIT_SPEAKER_DUMMY: Linux and other kernels calibrate the TSC against PIT
+        channel 2 by polling its output bit in port 0x61, which a dummy port never sets.
+        """
+        config = ffi.new("struct kvm_pit_config *", {"flags": 0})
         _ioctl(self.fd, lib.KVM_CREATE_PIT2, "KVM_CREATE_PIT2", config)
 
     def irq_line(self, irq: int, level: int) -> None:
