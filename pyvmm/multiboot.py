@@ -211,6 +211,8 @@ def find_header(path: Path, head: bytes, file_size: int) -> MultibootHeader | No
         if struct.unpack_from("<I", head, offset)[0] != HEADER_MAGIC:
             continue
         if offset + HEADER_SIZE > limit:
+            if limit < file_size:
+                break  # cut by the 8192-byte limit, not the file: not a header (as GRUB)
             raise GuestImageError(
                 f"{path}: truncated multiboot header: the magic at offset {offset:#x} is not "
                 f"followed by flags and checksum (the file ends at {file_size:#x}): rebuild it"
