@@ -5,7 +5,9 @@ malformed image with its one line and status, and the loader's logic on plain gu
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -242,6 +244,36 @@ def test_python_api_and_memory_map_follow_ram(modules, memory):
     placed = [(m.start, m.end, m.string) for m in boot.multiboot.modules]
     assert placed == [m[:3] for m in out["mods"]]
     assert [(r.base, r.length, r.type) for r in boot.multiboot.memory_map] == out["mmap"]
+
+
+@pytest.mark.usefixtures("kvm_required")
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="needs qemu-system-x86_64")
+@pytest.mark.parametrize("kernel", [KERNEL, AOUT_KERNEL], ids=["elf", "aout"])
+def test_same_information_as_qemu(pyvmm_cli, modules, kernel):
+    """QEMU's -kernel (q35, TCG) and pyvmm give the kernel the same boot information, but
+    for the loader name and what SeaBIOS adds to the memory map (docs/guest-abi.md)."""
+    first, second = modules
+    initrd = f"{first} arg1 arg2,{second}"
+    qemu = subprocess.run(
+        ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "64M",
+         "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(kernel),
+         "-append", "answer=42", "-initrd", initrd],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    ours = pyvmm_cli("run", str(kernel), "--append", "answer=42", "--initrd", initrd)
+    assert ours.returncode == 0, ours.stderr
+    expected, got = parse(qemu.stdout), parse(ours.stdout)
+    assert expected["lines"][-1] == "layout ok", qemu.stdout + qemu.stderr
+    differ = {"boot_loader_name", "mmap", "mem_upper", "lines"}
+    assert {k: v for k, v in got.items() if k not in differ} == {
+        k: v for k, v in expected.items() if k not in differ
+    }
+    assert (expected["boot_loader_name"], got["boot_loader_name"]) == ("qemu", "pyvmm")
+    # SeaBIOS keeps 128 KiB at the top of low RAM, and q35 has chipset and ROM ranges.
+    assert set(got["mmap"]) - set(expected["mmap"]) == {
+        (MIB, 63 * MIB, 1), (0xE000_0000, 0x1000_0000, 2), (0xFFFB_C000, 0x4000, 2)
+    }  # fmt: skip
+    assert got["mem_upper"] == 63 * 1024
 
 
 @pytest.mark.usefixtures("kvm_required")
