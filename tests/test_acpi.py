@@ -1,4 +1,4 @@
-"""ACPI tables: parsed here from the spec's offsets, decompiled by iasl."""
+"""ACPI tables and the MP table: parsed here from the spec's offsets, decompiled by iasl."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from pyvmm.acpi import (
 from pyvmm.devices.power import PM1A_CONTROL_PORT, RESET_CONTROL_PORT
 from pyvmm.errors import ConfigurationError
 from pyvmm.memory import GIB, MIB, GuestMemory
+from pyvmm.mptable import build_mp_table, write_mp_table
+from pyvmm.pci.config import intx_gsi
 from pyvmm.pci.host import ECAM_BASE, ECAM_SIZE
 
 CPU_COUNTS = [1, 2, 4, 9, 64]
@@ -232,6 +234,59 @@ def test_pm1_event_block():
     assert whole == b"\x00\x00\x21\x01"
     block(0, memoryview(bytearray(b"\xff\xff")), True)  # write-1-to-clear: nothing to clear
     assert block.enable == 0x121
+
+
+# ---- the MP table, parsed here -----------------------------------------------------------
+@pytest.mark.parametrize("cpus", CPU_COUNTS)
+def test_mp_table(cpus):
+    floating, table = build_mp_table(cpus, cpu_signature=0x806F8, cpu_features=0x178BFBFF)
+    assert floating[:4] == b"_MP_" and len(floating) == 16 and sum(floating) % 256 == 0
+    assert (u32(floating, 4), floating[8], floating[9], floating[11], floating[12]) == (
+        0xF0010, 1, 4, 0, 0,
+    )  # fmt: skip
+    assert table[:4] == b"PCMP" and u16(table, 4) == len(table) and sum(table) % 256 == 0
+    assert table[6] == 4 and u32(table, 36) == 0xFEE00000
+    count, offset, entries = u16(table, 34), 44, []
+    for _ in range(count):
+        length = 20 if table[offset] == 0 else 8
+        entries.append(table[offset : offset + length])
+        offset += length
+    assert offset == len(table)
+    types = [e[0] for e in entries]
+    assert types == sorted(types)  # the spec's order: processors, buses, IOAPICs, ...
+    processors = [(e[1], e[2], e[3], u32(e, 4), u32(e, 8)) for e in entries if e[0] == 0]
+    assert processors == [
+        (i, 0x14, 1 | (2 if i == 0 else 0), 0x806F8, 0x178BFBFF) for i in range(cpus)
+    ]
+    assert [(e[1], e[2:8]) for e in entries if e[0] == 1] == [(0, b"PCI   "), (1, b"ISA   ")]
+    assert [(e[1], e[2], e[3], u32(e, 4)) for e in entries if e[0] == 2] == [
+        (0, 0x11, 1, 0xFEC00000)
+    ]
+    io = [(e[1], u16(e, 2), e[4], e[5], e[6], e[7]) for e in entries if e[0] == 3]
+    isa = [(irq, flags, pin) for kind, flags, bus, irq, apic, pin in io if bus == 1]
+    want_isa = [(0, 0, 2)] + [(i, 0xD if i == 9 else 0, i) for i in range(3, 16)]
+    assert isa == [want_isa[0], (1, 0, 1), *want_isa[1:]]
+    pci = [(irq, pin) for kind, flags, bus, irq, apic, pin in io if bus == 0]
+    assert pci == [
+        (slot << 2 | (p - 1), intx_gsi(slot, p)) for slot in range(1, 32) for p in range(1, 5)
+    ]
+    assert all(kind == 0 and apic == 0 for kind, _, _, _, apic, _ in io)
+    local = [(e[1], e[4], e[5], e[6], e[7]) for e in entries if e[0] == 4]
+    assert local == [(3, 1, 0, 0, 0), (1, 1, 0, 0xFF, 1)]  # ExtINT on LINT0, NMI on LINT1
+
+
+def test_write_mp_table_clear_of_the_acpi_tables():
+    memory = GuestMemory("1M")
+    try:
+        write_acpi_tables(memory, 64)
+        acpi_bytes = memory.read(0xE0000, 0x10000)
+        assert write_mp_table(memory, 64) == 0xF0000
+        floating, table = build_mp_table(64)
+        assert memory.read(0xF0000, 16) == floating
+        assert memory.read(0xF0010, len(table)) == table
+        assert memory.read(0xE0000, 0x10000) == acpi_bytes
+    finally:
+        memory.close()
 
 
 # ---- iasl: the tables as ACPICA reads them -------------------------------------------------
