@@ -1,4 +1,5 @@
-"""ACPI tables and the MP table: parsed here from the spec's offsets, decompiled by iasl."""
+"""ACPI tables and the MP table: parsed here from the spec's offsets, decompiled by iasl, and
+found by a guest on the real /dev/kvm."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import shutil
 import struct
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from pyvmm.acpi import (
     build_acpi_tables,
     write_acpi_tables,
 )
+from pyvmm.devices.cmos import add_cmos
 from pyvmm.devices.power import PM1A_CONTROL_PORT, RESET_CONTROL_PORT
 from pyvmm.errors import ConfigurationError
 from pyvmm.memory import GIB, MIB, GuestMemory
@@ -440,6 +443,69 @@ def test_acpiexec_loads_and_evaluates(tmp_path):
     assert "[Package] Contains 4 Elements:" in out  # \_S5
     assert "[Package] Contains 124 Elements:" in out  # _PRT: 31 slots x 4 pins
     assert "88 0D 00 02 0C 00 00 00 00 00 FF 00" in out  # _CRS: bus numbers 0-255
+
+
+# ---- the platform guest on /dev/kvm ---------------------------------------------------------
+def attach_platform(machine) -> None:
+    """What the machine would do as firmware: the CMOS, the ACPI tables, the MP table."""
+    add_cmos(machine.pio, machine.memory, machine.cpus)
+    write_acpi_tables(machine.memory, machine.cpus)
+    write_mp_table(machine.memory, machine.cpus)
+
+
+def field(pattern: str, text: str) -> tuple[str, ...]:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return match.groups()
+
+
+@pytest.mark.parametrize(("cpus", "memory", "mib"), [(1, "64M", 64), (4, "64M", 64),
+                                                     (1, "5G", 5120), (4, "5G", 5120)])  # fmt: skip
+def test_platform_guest(run_guest, cpus, memory, mib):
+    result = run_guest("platform", cpus=cpus, memory=memory, timeout=60, setup=attach_platform)
+    text = result.serial_text
+    assert (result.outcome, result.exit_status) == ("exit", 0), text + result.message
+    assert "FAIL" not in text
+    assert result.unclaimed_pio.count == 0
+    cmos_cpus, ram_mib = field(r"cmos: .*, cpus (\d+), ram (\d+) MiB", text)
+    assert (int(cmos_cpus), int(ram_mib)) == (cpus, mib)
+    assert "cmos: ram byte kept" in text
+    stamp = field(r"rtc: (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text)[0]
+    seen = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - seen).total_seconds()) < 120
+    assert field(r"acpi: RSDP at (0x\w+), revision (\d)", text) == ("0xe0000", "2")
+    assert "acpi: XSDT lists FACP APIC MCFG" in text
+    madt = r"MADT: local APIC (0x\w+), (\d+) enabled CPUs, IOAPIC (\d+) at (0x\w+)"
+    assert field(madt, text) == ("0xfee00000", str(cpus), "0", "0xfec00000")
+    assert field(r"FADT: revision (\d+), SCI (\d+), PM1a control (0x\w+), "
+                 r"reset register (0x\w+) = (0x\w+)", text) == (
+        "6", "9", "0x604", "0xcf9", "0x06",
+    )  # fmt: skip
+    assert "FACS ok" in text and "acpi: DSDT: \\_S5 SLP_TYPa 0" in text
+    assert "acpi: MCFG: ECAM 0xe0000000, segment 0, buses 0-255" in text
+    mptable = r"mptable: at (0x\w+), (\d+) enabled CPUs, BSP APIC (\d+), IOAPIC (\d+)"
+    assert field(mptable, text) == ("0xf0000", str(cpus), "0", "0")
+    assert text.endswith("platform: powering off through port 0x604\n")
+
+
+def test_platform_guest_powers_off_where_the_fadt_says(run_guest):
+    """Moved PM1a control (in the FADT only): the guest's write misses pyvmm's power-off."""
+
+    def setup(machine) -> None:
+        attach_platform(machine)
+        address, fadt = build_acpi_tables(1, machine.memory.top).tables["FACP"]
+        moved = bytearray(fadt)
+        struct.pack_into("<I", moved, 64, 0x608)
+        struct.pack_into("<Q", moved, 176, 0x608)
+        moved[9] = 0
+        moved[9] = -sum(moved) & 0xFF
+        machine.memory.write(address, bytes(moved))
+
+    result = run_guest("platform", setup=setup, timeout=60)
+    assert "PM1a control 0x608" in result.serial_text
+    assert "FAIL: still running after the FADT's power-off" in result.serial_text
+    assert result.exit_status == 15 << 1 | 1  # guest_main returned F_POWER_OFF
+    assert result.unclaimed_pio.last_address == 0x608
 
 
 def test_acpi_module_constants_match_the_devices():
