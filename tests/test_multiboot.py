@@ -564,3 +564,30 @@ def test_load_guest_detects_the_protocol(tmp_path, memory):
         load_guest(memory, tmp_path / "none.bin")
     with pytest.raises(GuestImageError, match="is a directory"):
         load_guest(memory, tmp_path)
+
+
+# ---- SMP: the boot CPU starts the others with INIT/SIPI ----
+
+
+@pytest.mark.usefixtures("kvm_required")
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+def test_aps_start_only_by_init_sipi(pyvmm_cli, cpus):
+    completed = pyvmm_cli(
+        "run", "multiboot_smp", "--cpus", str(cpus), "--append", f"cpus={cpus}",
+        "--timeout", str(TIMEOUT),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    ids = " ".join(str(i) for i in range(cpus))
+    assert completed.stdout == f"no AP ran before INIT/SIPI\n{cpus} cpus up, APIC IDs: {ids}\n"
+
+
+@pytest.mark.usefixtures("kvm_required")
+def test_smp_kernel_notices_a_missing_cpu(pyvmm_cli):
+    completed = pyvmm_cli(
+        "run", "multiboot_smp", "--cpus", "2", "--append", "cpus=3", "--timeout", str(TIMEOUT)
+    )
+    assert completed.returncode == (3 << 1) | 1
+    assert completed.stdout.splitlines()[-2:] == [
+        "2 cpus up, APIC IDs: 0 1",
+        "FAIL: expected 3 cpus",
+    ]
