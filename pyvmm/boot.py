@@ -84,9 +84,11 @@ def load_guest(
 
     mode is the CPU mode of an ELF guest (default: long for ELF64, protected for ELF32).
     append and initrd are a multiboot kernel's command line (after its path, as QEMU writes
-    it) and modules ("FILE" or "FILE ARGS" each, loaded in order).
+    it) and modules ("FILE" or "FILE ARGS" each, loaded in order; a lone string is one).
     """
     mode = CpuMode(mode) if mode is not None else None
+    if isinstance(initrd, str | os.PathLike):
+        initrd = [initrd]  # one module, not a string's characters
     try:
         protocol = BootProtocol(boot) if boot is not None else None
     except ValueError:

@@ -232,6 +232,8 @@ def find_header(path: Path, head: bytes, file_size: int) -> MultibootHeader | No
                 f"from offset {offset:#x}, past the end of the "
                 f"{'file' if limit == file_size else 'first 8192 bytes'}: rebuild it"
             )
+        if not flags & FLAG_ADDRESS_FIELDS:
+            return MultibootHeader(offset, flags)  # what follows is not address fields
         fields = _HEADER.unpack_from(head[offset : offset + size] + bytes(48 - size))
         return MultibootHeader(offset, flags, *fields[3:8])
     if bad_checksum is not None:

@@ -558,6 +558,10 @@ def test_load_guest_detects_the_protocol(tmp_path, memory):
     assert (plan.protocol, plan.mode.value, plan.boot_cpu_only) == (
         BootProtocol.MULTIBOOT, "protected", True,
     )  # fmt: skip
+    module = tmp_path / "module"
+    module.write_bytes(b"m")
+    one = load_guest(memory, tmp_path / "k.bin", initrd=str(module))  # one entry, not letters
+    assert [m.string for m in one.multiboot.modules] == [str(module)]
     with pytest.raises(ConfigurationError, match="unknown boot protocol"):
         load_guest(memory, tmp_path / "k.bin", boot="pxe")
     with pytest.raises(GuestImageError, match="not found"):
