@@ -377,7 +377,9 @@ def load_multiboot(
         raise ConfigurationError("the --append text has a NUL character: remove it")
     warnings = _check_flags(path, header)
     try:
-        file_size = path.stat().st_size
+        with path.open("rb") as file:
+            ident = file.read(5)  # ELF magic and class
+            file_size = os.fstat(file.fileno()).st_size
     except OSError as error:
         raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
     raw = None
@@ -386,8 +388,6 @@ def load_multiboot(
         start, end, entry = header.load_addr, raw.end, header.entry_addr
         _check_in_ram(path, memory, start, end)
     else:
-        with path.open("rb") as file:
-            ident = file.read(5)
         if ident[:4] != b"\x7fELF":
             raise GuestImageError(
                 f"{path} has a multiboot header without the address fields (flag bit 16) and "
