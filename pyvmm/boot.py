@@ -7,8 +7,9 @@
   boot: only the boot CPU starts; the others wait in the in-kernel LAPIC for INIT/SIPI.
 * "elf": anything else, with pyvmm's own entry ABI (loader.py, docs/guest-abi.md): every
   vCPU at the entry at once, its index and the count in RDI/RSI.
-* "linux" (not yet): the Linux x86 boot protocol will be recognised here first, by "HdrS"
-  at offset 0x202, as QEMU tests for it before it looks for a multiboot header.
+* "linux": the Linux x86 boot protocol (linux.py), recognised first, by its "HdrS" setup
+  header at 0x202, as QEMU tests for it before it looks for a multiboot header. A PC-style
+  boot too, entered at the bzImage's 64-bit entry point.
 
 Each protocol module loads the image into guest RAM; this one returns a BootPlan that tells
 the Machine how to create and enter the vCPUs.
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.errors import ConfigurationError, GuestImageError
+from pyvmm.kvm import Vcpu
+from pyvmm.linux import LinuxImage, enter_linux, is_bzimage, load_linux
 from pyvmm.loader import LoadedImage, load_elf
 from pyvmm.memory import GuestMemory
 from pyvmm.multiboot import (
@@ -40,6 +43,7 @@ class BootProtocol(enum.Enum):
 
     ELF = "elf"
     MULTIBOOT = "multiboot"
+    LINUX = "linux"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class BootPlan:
     #: LAPIC (which this needs). False: every vCPU at the entry at once.
     boot_cpu_only: bool = False
     multiboot: MultibootInfo | None = None
+    linux: LinuxImage | None = None
+    #: Adjusts the boot CPU after the mode's set-up (Linux's selectors), if the protocol needs.
+    enter: Callable[[Vcpu], None] | None = None
     #: Things worth telling the user that do not stop the boot (one line each).
     warnings: tuple[str, ...] = ()
 
@@ -96,6 +103,10 @@ def load_guest(
         raise ConfigurationError(f"unknown boot protocol {boot!r}: use {choices}") from None
     path_text = os.fspath(path)
     head, size = _read_head(Path(path))
+    if protocol is None and is_bzimage(head):
+        protocol = BootProtocol.LINUX
+    if protocol is BootProtocol.LINUX:
+        return _load_linux(memory, path_text, mode, append, initrd)
     header = None
     if protocol in (None, BootProtocol.MULTIBOOT):
         header = find_header(Path(path), head, size)
@@ -133,3 +144,29 @@ def load_guest(
     if chosen is CpuMode.LONG and image.elf_class != 64:
         raise ConfigurationError(f"{path} is ELF32: it cannot be entered in long mode")
     return BootPlan(protocol, image, chosen)
+
+
+def _load_linux(
+    memory: GuestMemory,
+    path: str,
+    mode: CpuMode | None,
+    append: str,
+    initrd: Sequence[str | Path],
+) -> BootPlan:
+    if mode not in (None, CpuMode.LONG):
+        raise ConfigurationError(
+            f"a bzImage is entered at its 64-bit entry point, in long mode, not {mode.value}: "
+            "drop --mode"
+        )
+    if len(initrd) > 1:
+        raise ConfigurationError("a Linux kernel takes one --initrd file (a cpio archive)")
+    image = load_linux(memory, path, append, initrd[0] if initrd else None)
+    return BootPlan(
+        BootProtocol.LINUX,
+        LoadedImage(Path(path), image.entry, 64, ()),
+        CpuMode.LONG,
+        registers={"rsi": image.zero_page},
+        boot_cpu_only=True,
+        linux=image,
+        enter=enter_linux,
+    )

@@ -26,6 +26,7 @@ from pyvmm.assign import VfioAssignments
 from pyvmm.boot import BootPlan, BootProtocol, load_guest
 from pyvmm.bus import Bus, NativeHandler, PythonHandler
 from pyvmm.devices.debug_exit import add_debug_exit
+from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
 from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
 from pyvmm.devices.vfio_pci import VfioPciDevice
@@ -37,6 +38,7 @@ from pyvmm.memory import GuestMemory, MemorySlots
 from pyvmm.pci.config import PciFunction
 from pyvmm.pci.host import PciBus
 from pyvmm.pci.resources import PciResources
+from pyvmm.platform import add_legacy_devices, write_firmware_tables
 from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import KICK_SIGNAL, VcpuRunner, VcpuStop
 from pyvmm.x86 import (
@@ -97,6 +99,8 @@ class Machine:
             self._closers.append(self.serial.close)
             add_debug_exit(self.pio)
             add_power_off(self.pio)
+            self.cmos = add_legacy_devices(self.pio, self.memory, cpus)
+            self.fw_cfg: FwCfg | None = None
         except BaseException:
             self.close()
             raise
@@ -197,9 +201,9 @@ class Machine:
         A multiboot kernel boots like a PC: in-kernel irqchip on, only vCPU 0 started.
         """
         plan = load_guest(self.memory, path, mode=mode, boot=boot, append=append, initrd=initrd)
-        if plan.boot_cpu_only:
-            self.enable_irqchip()
         self.boot, self.image, self.mode = plan, plan.image, plan.mode
+        if plan.boot_cpu_only:
+            self._boot_like_a_pc(plan, append)
         write_boot_tables(self.memory, self.mode)
         return self.image
 
@@ -227,10 +231,21 @@ class Machine:
         """Back MMIO [base, base + length) with a host byte array, served natively."""
         return self.mmio.add_buffer(base, length, name)
 
-    def _create_vcpus(self) -> None:
+    def _boot_like_a_pc(self, plan: BootPlan, append: str) -> None:
+        """The platform a kernel booted as by QEMU's -kernel finds: irqchip, PCI, fw_cfg."""
+        self._enable_pci()
+        self.fw_cfg = add_fw_cfg(self)
+        self.fw_cfg.set_cmdline(append)
+        if plan.linux is not None:
+            image = plan.linux
+            kernel = self.memory.read(image.load_address, image.kernel_size)
+            self.fw_cfg.set_kernel(kernel, addr=image.load_address, entry=image.entry)
+            if image.initrd is not None:
+                self.fw_cfg.set_initrd(self.memory.read(*image.initrd), addr=image.initrd[0])
+
+    def _create_vcpus(self, cpuid: Any) -> None:
         if self.image is None:
             raise ConfigurationError("no guest loaded: call load() before run()")
-        cpuid = self.kvm.supported_cpuid()
         for index in range(self.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
@@ -252,7 +267,12 @@ class Machine:
         if self.image is not None and self.pci is not None:
             # 64-bit BARs placed above RAM must be inside the guest's identity map too.
             write_boot_tables(self.memory, self.mode, self._resources.high_top)
-        self._create_vcpus()
+        cpuid = self.kvm.supported_cpuid()
+        if self.pci is not None:  # a PC-style boot, or assigned devices: describe the machine
+            write_firmware_tables(self.memory, self.cpus, cpuid)
+        self._create_vcpus(cpuid)
+        if self.boot is not None and self.boot.enter is not None:
+            self.boot.enter(self.vcpus[0])
         in_main = threading.current_thread() is threading.main_thread()
         return _Run(self, timeout, handle_signals=in_main).result()
 

@@ -23,6 +23,8 @@ GIB = 1 << 30
 MMIO_HOLE_START = 3 * GIB
 #: Where RAM resumes above the hole.
 HIGH_RAM_START = 4 * GIB
+#: The PCI ECAM window in the hole (docs/guest-abi.md): 256 buses of 1 MiB.
+ECAM_BASE, ECAM_SIZE = 0xE000_0000, 256 << 20
 #: Linux's MAP_NORESERVE (the mmap module does not export it).
 MAP_NORESERVE = 0x4000
 PAGE_SIZE = 4096

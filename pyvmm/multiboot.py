@@ -33,10 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvmm.e820 import LOW_RAM_END, MemoryRange, memory_map
 from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.loader import PROTECTED_LOAD_MIN, LoadedImage, Segment, inspect_elf, load_elf
-from pyvmm.memory import HIGH_RAM_START, MIB, PAGE_SIZE, GuestMemory
-from pyvmm.x86 import VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS
+from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory
 
 HEADER_MAGIC = 0x1BADB002
 #: What the kernel finds in EAX: proof that a multiboot loader entered it.
@@ -83,22 +83,6 @@ MMAP_MAX_ENTRIES = (INFO_ADDRESS - MMAP_ADDRESS) // _MMAP_ENTRY.size
 _MODULE = struct.Struct("<IIII")
 _HEADER = struct.Struct("<12I")
 
-E820_RAM = 1
-E820_RESERVED = 2
-#: The end of the usable conventional memory a PC's BIOS reports (the EBDA follows).
-LOW_RAM_END = 0x9FC00
-#: pyvmm's PCI ECAM window (docs/guest-abi.md): reserved, as SeaBIOS reserves q35's.
-ECAM_BASE, ECAM_SIZE = 0xE000_0000, 0x1000_0000
-
-
-@dataclass(frozen=True)
-class MemoryRange:
-    """One entry of the memory map: [base, base + length) of a type (1: usable RAM)."""
-
-    base: int
-    length: int
-    type: int
-
 
 @dataclass(frozen=True)
 class MultibootHeader:
@@ -142,37 +126,6 @@ class MultibootInfo:
     mem_lower: int  #: KiB
     mem_upper: int  #: KiB
     warnings: tuple[str, ...] = ()
-
-
-def memory_map(memory: GuestMemory) -> list[MemoryRange]:
-    """The memory map a PC's BIOS reports (int 15h, e820) for pyvmm's RAM, by address.
-
-    QEMU's is SeaBIOS's: usable RAM up to the EBDA at 0x9FC00, the BIOS area 0xF0000-0xFFFFF
-    reserved, RAM from 1 MiB. On q35 it also reserves the PCIe MMCONFIG window, and under KVM
-    the pages of Intel VMX's TSS and identity map; pyvmm has both, elsewhere (its ECAM at
-    0xE0000000, its VMX pages at 0xFFFBC000). What pyvmm has no counterpart for is left out:
-    SeaBIOS's own data at the top of low RAM, q35's chipset registers at 0xFED1C000 and the
-    BIOS ROM at 0xFFFC0000. Like QEMU, the PCI memory window and the IOAPIC and local APIC
-    pages are not listed: a gap is not RAM, and the OS finds the APICs in the ACPI tables.
-    """
-    low = memory.regions[0]
-    ranges = [
-        MemoryRange(0, LOW_RAM_END, E820_RAM),
-        MemoryRange(LOW_RAM_END, 0xA0000 - LOW_RAM_END, E820_RESERVED),
-        MemoryRange(0xF0000, 0x10000, E820_RESERVED),
-    ]
-    if low.end > MIB:
-        ranges.append(MemoryRange(MIB, low.end - MIB, E820_RAM))
-    vmx_start = min(VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS)
-    vmx_end = max(VMX_IDENTITY_MAP_ADDRESS + PAGE_SIZE, VMX_TSS_ADDRESS + 3 * PAGE_SIZE)
-    ranges.append(MemoryRange(ECAM_BASE, ECAM_SIZE, E820_RESERVED))
-    ranges.append(MemoryRange(vmx_start, vmx_end - vmx_start, E820_RESERVED))
-    ranges += [
-        MemoryRange(region.guest_phys_addr, region.size, E820_RAM)
-        for region in memory.regions
-        if region.guest_phys_addr >= HIGH_RAM_START
-    ]
-    return sorted(ranges, key=lambda r: r.base)
 
 
 def split_module_list(text: str) -> list[str]:

@@ -23,7 +23,6 @@ from pyvmm.acpi import (
     build_acpi_tables,
     write_acpi_tables,
 )
-from pyvmm.devices.cmos import add_cmos
 from pyvmm.devices.power import PM1A_CONTROL_PORT, RESET_CONTROL_PORT
 from pyvmm.errors import ConfigurationError
 from pyvmm.memory import GIB, MIB, GuestMemory
@@ -447,8 +446,7 @@ def test_acpiexec_loads_and_evaluates(tmp_path):
 
 # ---- the platform guest on /dev/kvm ---------------------------------------------------------
 def attach_platform(machine) -> None:
-    """What the machine would do as firmware: the CMOS, the ACPI tables, the MP table."""
-    add_cmos(machine.pio, machine.memory, machine.cpus)
+    """The tables a PC-style boot gets (every machine has the CMOS already)."""
     write_acpi_tables(machine.memory, machine.cpus)
     write_mp_table(machine.memory, machine.cpus)
 

@@ -16,6 +16,7 @@ from elftools.elf.elffile import ELFFile
 from pyvmm import ExitStatus, Machine, guest_path
 from pyvmm._native import lib
 from pyvmm.boot import BootProtocol, load_guest
+from pyvmm.e820 import memory_map
 from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.memory import GIB, MIB, GuestMemory, parse_size
 from pyvmm.multiboot import (
@@ -23,7 +24,6 @@ from pyvmm.multiboot import (
     MMAP_ADDRESS,
     find_header,
     load_multiboot,
-    memory_map,
     split_module_list,
 )
 from tests.test_loader import elf64

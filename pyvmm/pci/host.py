@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pyvmm.bus import Bus
 from pyvmm.errors import ConfigurationError
+from pyvmm.memory import ECAM_BASE, ECAM_SIZE
 from pyvmm.pci.config import (
     CLASS_REVISION,
     CONFIG_SPACE_SIZE,
@@ -21,9 +22,6 @@ from pyvmm.pci.config import (
 CONF1_ADDRESS_PORT = 0xCF8
 CONF1_DATA_PORT = 0xCFC
 CONF1_ENABLE = 1 << 31
-ECAM_BASE = 0xE000_0000
-#: 256 buses of 32 devices of 8 functions of 4 KiB.
-ECAM_SIZE = 256 << 20
 SLOTS = 32
 
 #: The host bridge's identity: Red Hat's "QEMU PCIe host bridge", class 06:00:00.

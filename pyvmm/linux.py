@@ -1,0 +1,191 @@
+"""The Linux x86 boot protocol (Documentation/arch/x86/boot.rst), 64-bit entry: a bzImage as
+QEMU's -kernel/-append/-initrd boots it, without a BIOS.
+
+What a boot loader does, done here:
+
+1. Read the setup header at 0x1F1 of the bzImage ("HdrS", protocol 2.12 or later, a 64-bit
+   entry point: XLF_KERNEL_64) and copy it into a zeroed ``struct boot_params`` (the "zero
+   page"), then fill in what the loader owns: type_of_loader, loadflags, the command line
+   pointer, the initrd, and the e820 memory map.
+2. Load the protected-mode kernel (everything after the real-mode setup sectors) at 1 MiB,
+   where a non-relocated kernel runs, with RAM for its init_size behind it.
+3. Put the initrd as high as initrd_addr_max and RAM below the PCI hole allow.
+4. Enter at load address + 0x200 in 64-bit mode, paging on with an identity map, CS =
+   __BOOT_CS (0x10) and DS/ES/SS = __BOOT_DS (0x18) from a GDT that describes them,
+   interrupts off, RSI = the zero page.
+
+The real-mode setup code is never run: it would need a BIOS, which pyvmm does not have.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pyvmm.e820 import memory_map
+from pyvmm.errors import GuestImageError
+from pyvmm.kvm import Vcpu
+from pyvmm.memory import GIB, MIB, PAGE_SIZE, GuestMemory
+
+SETUP_HEADER = 0x1F1
+HDRS_MAGIC = 0x53726448  # "HdrS"
+MIN_PROTOCOL = 0x020C  # 2.12: xloadflags, and with it the 64-bit entry
+LOADED_HIGH = 0x01
+CAN_USE_HEAP = 0x80
+XLF_KERNEL_64 = 0x01
+TYPE_OF_LOADER_UNDEFINED = 0xFF  # no assigned loader ID
+
+KERNEL_LOAD_ADDRESS = 0x100000
+#: Where pyvmm puts the zero page, the command line and the GDT Linux asks for: below the
+#: kernel, above pyvmm's own page tables (0x2000-0x9FFFF holds at most the identity map).
+ZERO_PAGE = 0x10000
+COMMAND_LINE = 0x20000
+COMMAND_LINE_MAX = 0x10000
+LINUX_GDT = 0x30000
+BOOT_CS, BOOT_DS = 0x10, 0x18
+#: null, null, __BOOT_CS: 64-bit code, __BOOT_DS: flat data.
+LINUX_GDT_ENTRIES = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
+#: pyvmm's identity map takes a page directory per GiB from 0x4000 on: up to 12 GiB of RAM
+#: they stay below the zero page.
+MAX_RAM = 12 << 30
+
+# Offsets in struct boot_params (arch/x86/include/uapi/asm/bootparam.h).
+EXT_RAMDISK_IMAGE, EXT_RAMDISK_SIZE, EXT_CMD_LINE_PTR = 0x0C0, 0x0C4, 0x0C8
+E820_ENTRIES, E820_TABLE, E820_MAX = 0x1E8, 0x2D0, 128
+# Offsets of setup header fields, in the image and in boot_params alike.
+SETUP_SECTS, BOOT_FLAG, HEADER, VERSION = 0x1F1, 0x1FE, 0x202, 0x206
+TYPE_OF_LOADER, LOADFLAGS, RAMDISK_IMAGE, RAMDISK_SIZE = 0x210, 0x211, 0x218, 0x21C
+HEAP_END_PTR, CMD_LINE_PTR, INITRD_ADDR_MAX = 0x224, 0x228, 0x22C
+XLOADFLAGS, CMDLINE_SIZE, INIT_SIZE = 0x236, 0x238, 0x260
+
+
+@dataclass(frozen=True)
+class LinuxImage:
+    """A loaded bzImage: where it runs and what it was given."""
+
+    path: Path
+    entry: int
+    zero_page: int
+    load_address: int  #: where the protected-mode kernel is
+    kernel_size: int
+    protocol: int
+    initrd: tuple[int, int] | None  #: (address, size)
+
+
+def is_bzimage(head: bytes) -> bool:
+    """Whether the first bytes of a file are a bzImage's boot sector and setup header."""
+    return (
+        len(head) >= HEADER + 4
+        and struct.unpack_from("<I", head, HEADER)[0] == HDRS_MAGIC
+        and struct.unpack_from("<H", head, BOOT_FLAG)[0] == 0xAA55
+    )
+
+
+def _fail(path: Path, problem: str) -> GuestImageError:
+    return GuestImageError(f"{path}: {problem}")
+
+
+def load_linux(
+    memory: GuestMemory, path: str | Path, cmdline: str = "", initrd: str | Path | None = None
+) -> LinuxImage:
+    """Load a bzImage, its command line and initrd into guest RAM; returns where to enter."""
+    path = Path(path)
+    try:
+        image = path.read_bytes()
+    except OSError as error:
+        raise _fail(path, f"cannot read the kernel: {error.strerror}") from None
+    if not is_bzimage(image):
+        raise _fail(path, "not a bzImage (no HdrS setup header): give a Linux bzImage")
+    protocol = struct.unpack_from("<H", image, VERSION)[0]
+    if protocol < MIN_PROTOCOL:
+        raise _fail(path, f"boot protocol {protocol >> 8}.{protocol & 0xFF} is older than 2.12")
+    if not struct.unpack_from("<H", image, XLOADFLAGS)[0] & XLF_KERNEL_64:
+        raise _fail(path, "the kernel has no 64-bit entry point (XLF_KERNEL_64): build it 64-bit")
+    setup_sects = image[SETUP_SECTS] or 4
+    kernel_offset = (setup_sects + 1) * 512
+    init_size = struct.unpack_from("<I", image, INIT_SIZE)[0]
+    kernel = memoryview(image)[kernel_offset:]
+    if not len(kernel):
+        raise _fail(path, "truncated: no protected-mode kernel after the setup sectors")
+    low_top = memory.regions[0].end
+    if KERNEL_LOAD_ADDRESS + max(len(kernel), init_size) > low_top:
+        need = (KERNEL_LOAD_ADDRESS + max(len(kernel), init_size)) // MIB + 1
+        raise _fail(path, f"needs at least {need} MiB of RAM to decompress: raise --memory")
+    if memory.top > MAX_RAM:
+        raise GuestImageError(
+            f"a Linux guest gets at most {MAX_RAM // GIB} GiB of RAM here (the boot page "
+            "tables would reach the zero page): lower --memory"
+        )
+    encoded = cmdline.encode() + b"\0"
+    limit = min(struct.unpack_from("<I", image, CMDLINE_SIZE)[0] + 1, COMMAND_LINE_MAX)
+    if len(encoded) > limit:
+        raise GuestImageError(
+            f"the command line is {len(encoded) - 1} bytes: {path} takes at most {limit - 1}"
+        )
+
+    memory.write(KERNEL_LOAD_ADDRESS, kernel)
+    memory.write(COMMAND_LINE, encoded)
+    zero_page = memory.view(ZERO_PAGE, PAGE_SIZE)
+    zero_page[:] = 0
+    header_end = HEADER + image[0x201]  # "0x0202 + byte value at offset 0x0201"
+    zero_page[SETUP_HEADER:header_end] = np.frombuffer(image[SETUP_HEADER:header_end], np.uint8)
+
+    def put(offset: int, fmt: str, value: int) -> None:
+        zero_page[offset : offset + struct.calcsize(fmt)] = np.frombuffer(
+            struct.pack(fmt, value), np.uint8
+        )
+
+    put(TYPE_OF_LOADER, "<B", TYPE_OF_LOADER_UNDEFINED)
+    put(LOADFLAGS, "<B", image[LOADFLAGS] | LOADED_HIGH | CAN_USE_HEAP)
+    put(HEAP_END_PTR, "<H", 0xFE00)  # the usual heap end for a setup that never runs
+    put(CMD_LINE_PTR, "<I", COMMAND_LINE)
+    placed = None
+    if initrd is not None:
+        placed = _load_initrd(memory, Path(initrd), image, KERNEL_LOAD_ADDRESS + init_size)
+        put(RAMDISK_IMAGE, "<I", placed[0])
+        put(RAMDISK_SIZE, "<I", placed[1])
+    table = memory_map(memory)[:E820_MAX]
+    put(E820_ENTRIES, "<B", len(table))
+    for index, entry in enumerate(table):
+        put(E820_TABLE + 20 * index, "<Q", entry.base)
+        put(E820_TABLE + 20 * index + 8, "<Q", entry.length)
+        put(E820_TABLE + 20 * index + 16, "<I", entry.type)
+    memory.view(LINUX_GDT, 8 * len(LINUX_GDT_ENTRIES), np.uint64)[:] = LINUX_GDT_ENTRIES
+    entry = KERNEL_LOAD_ADDRESS + 0x200
+    return LinuxImage(path, entry, ZERO_PAGE, KERNEL_LOAD_ADDRESS, len(kernel), protocol, placed)
+
+
+def _load_initrd(memory: GuestMemory, path: Path, image: bytes, kernel_end: int) -> tuple[int, int]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise GuestImageError(f"cannot read the initrd {path}: {error.strerror}") from None
+    addr_max = struct.unpack_from("<I", image, INITRD_ADDR_MAX)[0] or 0x37FFFFFF
+    top = min(addr_max + 1, memory.regions[0].end)
+    address = (top - len(data)) & ~(PAGE_SIZE - 1)
+    if address < kernel_end:
+        raise GuestImageError(
+            f"the initrd {path} ({len(data) // 1024} KiB) does not fit in RAM above the "
+            "kernel: raise --memory"
+        )
+    memory.write(address, data)
+    return address, len(data)
+
+
+def enter_linux(vcpu: Vcpu) -> None:
+    """Give a vCPU set up for pyvmm's long-mode entry the selectors Linux asks for.
+
+    pyvmm's GDT has its 64-bit code at 0x08 and data at 0x10; the 64-bit boot protocol wants
+    __BOOT_CS = 0x10 and __BOOT_DS = 0x18, so the vCPU gets the GDT load_linux() wrote, with
+    the same flat segments under those selectors. (RIP and RSI come from the boot plan.)
+    """
+    sregs = vcpu.get_sregs()
+    sregs.gdt.base = LINUX_GDT
+    sregs.gdt.limit = 8 * len(LINUX_GDT_ENTRIES) - 1
+    sregs.cs.selector = BOOT_CS
+    for segment in (sregs.ds, sregs.es, sregs.ss, sregs.fs, sregs.gs):
+        segment.selector = BOOT_DS
+    vcpu.set_sregs(sregs)
