@@ -2,7 +2,8 @@
 
 KVM_SET_GSI_ROUTING replaces the whole table, so ``GsiRouting`` keeps it: the PC's default
 routes (GSIs 0-15 to the 8259s and the IOAPIC, 16-23 to the IOAPIC, as KVM sets them up at
-KVM_CREATE_IRQCHIP) plus one MSI route per device vector, each on a GSI of its own from 24 up.
+KVM_CREATE_IRQCHIP, except that the PIT's GSI 0 goes to IOAPIC pin 2, as on a PC and as
+QEMU routes it) plus one MSI route per device vector, each on a GSI of its own from 24 up.
 An ``MsiVector`` is one device interrupt message: an eventfd that VFIO signals and a KVM irqfd
 that turns each signal into the MSI its route describes, with no exit to userspace. An
 ``IntxLine`` is a VFIO device's level-triggered INTx on an IOAPIC pin.
@@ -26,6 +27,7 @@ EVENTFD_TRIGGER = lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_TRIGGE
 NONE_TRIGGER = lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_TRIGGER
 
 IOAPIC_PINS = 24
+TIMER_IOAPIC_PIN = 2
 PIC_PINS = 16
 FIRST_MSI_GSI = IOAPIC_PINS
 
@@ -42,11 +44,16 @@ class GsiRouting:
     def _entries(self) -> list[dict]:
         entries = []
         for gsi in range(IOAPIC_PINS):
+            if gsi == TIMER_IOAPIC_PIN:
+                continue  # the 8259 cascade: nothing raises GSI 2
+            # The PIT (GSI 0) reaches IOAPIC pin 2, as on a PC and as the MADT's interrupt
+            # source override and the MP table say; KVM's own default wires it to pin 0.
+            pin = TIMER_IOAPIC_PIN if gsi == 0 else gsi
             entries.append(
                 {
                     "gsi": gsi,
                     "type": lib.KVM_IRQ_ROUTING_IRQCHIP,
-                    "u": {"irqchip": {"irqchip": lib.KVM_IRQCHIP_IOAPIC, "pin": gsi}},
+                    "u": {"irqchip": {"irqchip": lib.KVM_IRQCHIP_IOAPIC, "pin": pin}},
                 }
             )
             if gsi < PIC_PINS:

@@ -133,6 +133,7 @@ class Machine:
             self.enable_irqchip()
             self.pci = PciBus(self.pio, self.mmio)
             self._routing = GsiRouting(self.vm)
+            self._routing.commit()  # the PC's routes, which the firmware tables describe
             self._resources = PciResources(self.memory.top)
         return self.pci
 
