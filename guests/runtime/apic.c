@@ -3,18 +3,6 @@
  */
 #include "apic.h"
 
-/* Local APIC registers (xAPIC: MMIO, one 32-bit register per 16 bytes). */
-#define LAPIC_ID 0x020
-#define LAPIC_TPR 0x080      /* task priority: 0 lets every vector in */
-#define LAPIC_EOI 0x0B0
-#define LAPIC_SVR 0x0F0      /* spurious vector; bit 8 enables the APIC */
-#define  LAPIC_SVR_ENABLE 0x100
-#define LAPIC_LVT_TIMER 0x320
-#define  LVT_TIMER_PERIODIC 0x20000
-#define LAPIC_TIMER_INITIAL 0x380
-#define LAPIC_TIMER_DIVIDE 0x3E0
-#define  TIMER_DIVIDE_BY_1 0xB
-
 /* The IOAPIC has two registers: write a register number to IOREGSEL, then
  * read or write it through IOWIN. */
 #define IOAPIC_IOREGSEL 0x00
@@ -30,30 +18,43 @@
 #define IA32_APIC_BASE 0x1B
 #define  APIC_BASE_ENABLE 0x800
 
+/* Type 0x8E: present, ring 0, interrupt gate; 32- or 64-bit by the mode
+ * the CPU runs in, and so is the gate's size. */
+#ifdef __x86_64__
 struct idt_gate {
 	u16 offset_low;
 	u16 selector;
 	u8 ist;
-	u8 type;         /* 0x8E: present, ring 0, 64-bit interrupt gate */
+	u8 type;
 	u16 offset_middle;
 	u32 offset_high;
 	u32 reserved;
 } __attribute__((packed));
+#else
+struct idt_gate {
+	u16 offset_low;
+	u16 selector;
+	u8 zero;
+	u8 type;
+	u16 offset_high;
+} __attribute__((packed));
+#endif
 
-struct idt_pointer {
+/* lidt's operand (and lgdt's): a limit, then a base of the word size. */
+struct table_pointer {
 	u16 limit;
-	u64 base;
+	uptr base;
 } __attribute__((packed));
 
 static struct idt_gate idt[256];
 volatile u32 ticks;
 
-static u32 lapic_read(u32 reg)
+u32 lapic_read(u32 reg)
 {
 	return mmio_read32(LAPIC_BASE + reg);
 }
 
-static void lapic_write(u32 reg, u32 v)
+void lapic_write(u32 reg, u32 v)
 {
 	mmio_write32(LAPIC_BASE + reg, v);
 }
@@ -70,29 +71,83 @@ void lapic_eoi(void)
 	lapic_write(LAPIC_EOI, 0);
 }
 
-__attribute__((interrupt)) static void timer_interrupt(struct interrupt_frame *frame)
+static void timer_tick(void)
 {
-	(void)frame;
 	ticks++;
 	lapic_eoi();
 }
+INTERRUPT_HANDLER(timer_interrupt, timer_tick);
 
 /* A spurious interrupt is not in service: it must not get an EOI. */
-__attribute__((interrupt)) static void spurious_interrupt(struct interrupt_frame *frame)
+static void spurious(void)
 {
-	(void)frame;
 }
+INTERRUPT_HANDLER(spurious_interrupt, spurious);
+
+#ifndef __x86_64__
+/*
+ * The end of every 32-bit INTERRUPT_HANDLER stub (see apic.h): the stack
+ * holds what the interrupt pushed, EIP, CS, EFLAGS. Rearrange it into
+ * EFLAGS, EIP and return with popfl; ret: CS stays what it is, which is
+ * what iret would reload it with (one code segment, ring 0 only).
+ */
+__asm__("	.pushsection .text\n"
+	"	.globl interrupt_return\n"
+	"	.type interrupt_return, @function\n"
+	"interrupt_return:\n"
+	"	pushl %eax\n"
+	"	movl 4(%esp), %eax\n"      /* EIP */
+	"	xchgl %eax, 12(%esp)\n"    /* EIP where EFLAGS was; EAX = EFLAGS */
+	"	movl %eax, 8(%esp)\n"      /* EFLAGS where CS was */
+	"	popl %eax\n"
+	"	addl $4, %esp\n"           /* drop the first EIP: EFLAGS, EIP remain */
+	"	popfl\n"
+	"	ret\n"
+	"	.popsection\n");
+#endif
 
 void idt_set_gate(unsigned vector, interrupt_handler *handler)
 {
 	u64 address = (u64)(uptr)handler;
 
 	idt[vector].offset_low = address & 0xFFFF;
-	idt[vector].selector = 0x08;  /* the boot GDT's 64-bit code segment */
+	idt[vector].selector = KERNEL_CS;
 	idt[vector].type = 0x8E;
+#ifdef __x86_64__
 	idt[vector].offset_middle = (address >> 16) & 0xFFFF;
 	idt[vector].offset_high = address >> 32;
+#else
+	idt[vector].offset_high = (address >> 16) & 0xFFFF;
+#endif
 }
+
+#ifndef __x86_64__
+/* Null, then flat 4 GiB 32-bit code at KERNEL_CS and flat data at 0x10 (the
+ * selector the boot loader's data segments already have). */
+static const u64 gdt[] = {
+	0,
+	0x00CF9A000000FFFFull,
+	0x00CF92000000FFFFull,
+};
+
+static void load_gdt(void)
+{
+	struct table_pointer pointer = { sizeof(gdt) - 1, (uptr)gdt };
+
+	/* A far jump is the only way to reload CS; then the data segments,
+	 * so that none of them still caches the loader's descriptors. */
+	__asm__ volatile("lgdt %0\n\t"
+			 "ljmp %1, $1f\n"
+			 "1:\n\t"
+			 "movl $0x10, %%eax\n\t"
+			 "movl %%eax, %%ds\n\t"
+			 "movl %%eax, %%es\n\t"
+			 "movl %%eax, %%fs\n\t"
+			 "movl %%eax, %%gs\n\t"
+			 "movl %%eax, %%ss"
+			 : : "m"(pointer), "i"(KERNEL_CS) : "eax", "memory");
+}
+#endif
 
 static u64 rdmsr(u32 msr)
 {
@@ -107,19 +162,9 @@ static void wrmsr(u32 msr, u64 v)
 	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
 }
 
-void interrupts_init(void)
+void lapic_enable(void)
 {
-	struct idt_pointer pointer = { sizeof(idt) - 1, (u64)(uptr)idt };
 	u64 base = rdmsr(IA32_APIC_BASE);
-
-	idt_set_gate(TIMER_VECTOR, timer_interrupt);
-	idt_set_gate(SPURIOUS_VECTOR, spurious_interrupt);
-	__asm__ volatile("lidt %0" : : "m"(pointer));
-
-	/* The PICs only matter for GSIs 0-15, which no device here uses: mask
-	 * every line (OCW1) so nothing arrives through them. */
-	outb(PIC1_DATA, 0xFF);
-	outb(PIC2_DATA, 0xFF);
 
 	/* The APIC is globally enabled at reset, but make sure (the MSR), then
 	 * software-enable it (SVR bit 8). */
@@ -127,6 +172,34 @@ void interrupts_init(void)
 		wrmsr(IA32_APIC_BASE, base | APIC_BASE_ENABLE);
 	lapic_write(LAPIC_SVR, LAPIC_SVR_ENABLE | SPURIOUS_VECTOR);
 	lapic_write(LAPIC_TPR, 0);
+}
+
+void lapic_send_ipi(unsigned apic_id, u32 command)
+{
+	lapic_write(LAPIC_ICR_HIGH, apic_id << 24);
+	lapic_write(LAPIC_ICR_LOW, command);
+	while (lapic_read(LAPIC_ICR_LOW) & ICR_PENDING)
+		__builtin_ia32_pause();
+}
+
+void interrupts_init(void)
+{
+	struct table_pointer pointer = { sizeof(idt) - 1, (uptr)idt };
+
+#ifndef __x86_64__
+	load_gdt();
+#endif
+	idt_set_gate(TIMER_VECTOR, timer_interrupt);
+	idt_set_gate(SPURIOUS_VECTOR, spurious_interrupt);
+	__asm__ volatile("lidt %0" : : "m"(pointer));
+
+	/* The PICs would deliver GSIs 0-15 a second time, at vectors nobody
+	 * set up (their reset base is 0: CPU exceptions): mask every line
+	 * (OCW1) so only the IOAPIC delivers them. */
+	outb(PIC1_DATA, 0xFF);
+	outb(PIC2_DATA, 0xFF);
+
+	lapic_enable();
 
 	/* A periodic tick, so that a wait in HLT always wakes up to check its
 	 * deadline. KVM's APIC timer counts at 1 GHz (1 ns per count) before

@@ -25,3 +25,15 @@ NORETURN void guest_poweroff(void)
 	outw(PM1A_CNT_PORT, PM1A_SLP_EN);
 	guest_halt();
 }
+
+NORETURN void guest_fail(u8 code, const char *what, u64 got, u64 want)
+{
+	printf("FAIL: %s (got 0x%llx, want 0x%llx)\n", what, got, want);
+	guest_exit(code);
+}
+
+void guest_expect(u8 code, const char *what, u64 got, u64 want)
+{
+	if (got != want)
+		guest_fail(code, what, got, want);
+}

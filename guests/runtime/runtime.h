@@ -95,13 +95,39 @@ void print_dec(u64 v);
 /* %s %c %d %u %x %p %%, with optional 0/width and l/ll (e.g. %016llx). */
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-/* ---- string.c: what gcc may call behind our back ---- */
+/* ---- string.c: what gcc may call behind our back, and memcmp ---- */
 void *memset(void *dst, int c, uptr n);
 void *memcpy(void *dst, const void *src, uptr n);
+int memcmp(const void *a, const void *b, uptr n);
+
+/* ---- little-endian fields at any alignment ----
+ * Firmware tables and fw_cfg items are byte layouts with fields wherever the
+ * format puts them; reading byte by byte needs no alignment and no packed
+ * struct per table. */
+static inline u16 get_le16(const void *p)
+{
+	const u8 *b = p;
+
+	return (u16)(b[0] | b[1] << 8);
+}
+
+static inline u32 get_le32(const void *p)
+{
+	return get_le16(p) | (u32)get_le16((const u8 *)p + 2) << 16;
+}
+
+static inline u64 get_le64(const void *p)
+{
+	return get_le32(p) | (u64)get_le32((const u8 *)p + 4) << 32;
+}
 
 /* ---- ending a run (exit.c) ---- */
 NORETURN void guest_exit(u8 v);   /* exit status (v << 1) | 1 */
 NORETURN void guest_poweroff(void);  /* exit status 0 */
 NORETURN void guest_halt(void);   /* this vCPU is done: cli; hlt forever */
+/* A failed check: print "FAIL: what (got 0x.., want 0x..)", then
+ * guest_exit(code), so the test sees what failed and at which step. */
+NORETURN void guest_fail(u8 code, const char *what, u64 got, u64 want);
+void guest_expect(u8 code, const char *what, u64 got, u64 want);  /* fails unless equal */
 
 #endif
