@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "guest",
         nargs="?",
-        default="hello",
-        help="guest image (ELF, or a multiboot kernel) or bundled guest name",
+        default=None,
+        help="guest image (ELF, or a multiboot kernel) or bundled guest name (default: hello)",
     )
     run.add_argument("--memory", default="64M", help="guest RAM, e.g. 64M or 4G (default 64M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[mode.value for mode in CpuMode],
         help="CPU mode at entry of an ELF guest (default: long for ELF64, protected for ELF32; "
         "multiboot kernels start in protected mode)",
+    )
+    run.add_argument(
+        "--firmware",
+        nargs="?",
+        const=True,
+        metavar="PATH",
+        help="boot through pyvmm's own firmware (firmware/), from the reset vector, instead of "
+        "entering the guest directly; PATH is a firmware image (default: the bundled one). "
+        "With no GUEST after it, 'pyvmm run --firmware GUEST' boots GUEST with the bundled one",
     )
     run.add_argument("--kvm-device", default="/dev/kvm", help="KVM device node (default /dev/kvm)")
     run.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
@@ -134,6 +143,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise PyvmmError("--serial capture is for the Python API: use stdio, file:PATH or none")
     if args.trace:
         trace_to(sys.stderr)
+    if args.guest is None:
+        # "pyvmm run --firmware KERNEL": the one path given names the guest, not a firmware.
+        if isinstance(args.firmware, str):
+            args.guest, args.firmware = args.firmware, True
+        else:
+            args.guest = "hello"
     with Machine(
         memory=args.memory,
         cpus=args.cpus,
@@ -141,6 +156,7 @@ def run_command(args: argparse.Namespace) -> int:
         irqchip=args.irqchip or bool(args.device),
         fail_on_unclaimed=args.fail_on_unclaimed,
         kvm_path=args.kvm_device,
+        firmware=args.firmware,
     ) as machine:
         image = guest_path(args.guest)
         # A path given as a path is passed as typed: a multiboot kernel sees it in its

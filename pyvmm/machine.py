@@ -31,6 +31,7 @@ from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
 from pyvmm.devices.vfio_pci import VfioPciDevice
 from pyvmm.errors import ConfigurationError, ExitStatus
+from pyvmm.firmware import Firmware
 from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm, Vcpu
 from pyvmm.loader import LoadedImage
@@ -67,8 +68,13 @@ class Machine:
         irqchip: bool = False,
         fail_on_unclaimed: bool = False,
         kvm_path: str = "/dev/kvm",
+        firmware: str | Path | bool | None = None,
     ) -> None:
-        """Open KVM and build the VM; see docs/guest-abi.md for what the guest gets."""
+        """Open KVM and build the VM; see docs/guest-abi.md for what the guest gets.
+
+        firmware: boot through pyvmm's firmware (firmware/) from the reset vector instead
+        of entering the guest directly: True for the bundled image, or an image's path.
+        """
         if not 1 <= cpus <= MAX_VCPUS:
             raise ConfigurationError(f"--cpus must be between 1 and {MAX_VCPUS}, not {cpus}")
         self.cpus = cpus
@@ -101,6 +107,11 @@ class Machine:
             add_power_off(self.pio)
             self.cmos = add_legacy_devices(self.pio, self.memory, cpus)
             self.fw_cfg: FwCfg | None = None
+            self.firmware: Firmware | None = None
+            if firmware is not None and firmware is not False:
+                path = None if firmware is True else firmware
+                self.firmware = Firmware(self.vm, self.memory_slots, self.memory, path)
+                self._closers.append(self.firmware.close)
         except BaseException:
             self.close()
             raise
@@ -200,13 +211,24 @@ class Machine:
         """Load a guest with the protocol it speaks, or boot: see boot.load_guest.
 
         A multiboot kernel boots like a PC: in-kernel irqchip on, only vCPU 0 started.
+        With firmware, the guest goes to the firmware's staging RAM, for run() to publish.
         """
-        plan = load_guest(self.memory, path, mode=mode, boot=boot, append=append, initrd=initrd)
+        memory = self._boot_memory()
+        plan = load_guest(memory, path, mode=mode, boot=boot, append=append, initrd=initrd)
+        if self.firmware is not None:
+            self.firmware.check(plan)
         self.boot, self.image, self.mode = plan, plan.image, plan.mode
         if plan.boot_cpu_only:
             self._boot_like_a_pc(plan, append)
-        write_boot_tables(self.memory, self.mode)
+        if self.firmware is None:
+            write_boot_tables(self.memory, self.mode)
+        elif self.fw_cfg is None:
+            self.fw_cfg = add_fw_cfg(self)  # where the firmware finds the guest
         return self.image
+
+    def _boot_memory(self) -> GuestMemory:
+        """Where the guest and its boot information are built: RAM, or the firmware's."""
+        return self.memory if self.firmware is None else self.firmware.staging
 
     def add_pio(self, base: int, length: int, handler: PythonHandler, name: str = "") -> None:
         """Serve ports [base, base + length) with a Python handler(offset, data, is_write)."""
@@ -239,10 +261,12 @@ class Machine:
         self.fw_cfg.set_cmdline(append)
         if plan.linux is not None:
             image = plan.linux
-            kernel = self.memory.read(image.load_address, image.kernel_size)
+            kernel = self._boot_memory().read(image.load_address, image.kernel_size)
             self.fw_cfg.set_kernel(kernel, addr=image.load_address, entry=image.entry)
             if image.initrd is not None:
-                self.fw_cfg.set_initrd(self.memory.read(*image.initrd), addr=image.initrd[0])
+                self.fw_cfg.set_initrd(
+                    self._boot_memory().read(*image.initrd), addr=image.initrd[0]
+                )
 
     def _create_vcpus(self, cpuid: Any) -> None:
         if self.image is None:
@@ -253,10 +277,14 @@ class Machine:
             if self.boot.boot_cpu_only and index:
                 setup_waiting_vcpu(vcpu, index, cpuid)  # the guest starts it with INIT/SIPI
                 continue
-            registers = self.boot.registers
-            setup_vcpu(vcpu, self.mode, self.image.entry, index, self.cpus, cpuid, registers)
+            if self.firmware is not None:
+                self.firmware.start_vcpu(vcpu, index, cpuid)  # at the reset vector
+            else:
+                registers = self.boot.registers
+                setup_vcpu(vcpu, self.mode, self.image.entry, index, self.cpus, cpuid, registers)
             if self.irqchip and index:
-                # With an in-kernel LAPIC, APs wait for INIT/SIPI; ours start at the entry.
+                # With an in-kernel LAPIC, APs wait for INIT/SIPI; ours start at the entry
+                # (with firmware, at the reset vector).
                 vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
 
     def run(self, timeout: float | None = None) -> RunResult:
@@ -265,14 +293,19 @@ class Machine:
             raise ConfigurationError("a Machine runs once: build a new one to run again")
         self._ran = True
         lib.pyvmm_install_kick_handler(KICK_SIGNAL)
-        if self.image is not None and self.pci is not None:
+        if self.image is not None and self.pci is not None and self.firmware is None:
             # 64-bit BARs placed above RAM must be inside the guest's identity map too.
             write_boot_tables(self.memory, self.mode, self._resources.high_top)
         cpuid = self.kvm.supported_cpuid()
         if self.pci is not None:  # a PC-style boot, or assigned devices: describe the machine
-            write_firmware_tables(self.memory, self.cpus, cpuid)
+            write_firmware_tables(self._boot_memory(), self.cpus, cpuid)
+        if self.firmware is not None and self.image is not None:
+            top = self._resources.high_top if self.pci is not None else 0
+            self.firmware.publish(
+                self.fw_cfg, self.boot, self.cpus, device_top=top, tables=self.pci is not None
+            )
         self._create_vcpus(cpuid)
-        if self.boot is not None and self.boot.enter is not None:
+        if self.boot is not None and self.boot.enter is not None and self.firmware is None:
             self.boot.enter(self.vcpus[0])
         in_main = threading.current_thread() is threading.main_thread()
         return _Run(self, timeout, handle_signals=in_main).result()
