@@ -1,6 +1,7 @@
 """The multiboot platform kernels on the real /dev/kvm: mb_platform (fw_cfg read both ways against
 the multiboot information, CMOS, the CPUs from ACPI and the MP table, INIT/SIPI by MADT APIC ID)
-and mb_timers (LAPIC timer, PIT through the MADT's override, IOAPIC-routed UART interrupts).
+and mb_timers (LAPIC timer, PIT through the MADT's override, IOAPIC-routed UART interrupts),
+booted directly and through pyvmm's firmware.
 
 Every printed value is checked against what pyvmm builds: the fw_cfg items, the e820 map, the
 CMOS fields, the ACPI tables' addresses and the MADT's overrides. Each is booted through
@@ -114,6 +115,17 @@ def test_platform_kernel_cli(pyvmm_cli, cpus, memory):
 
 
 @pytest.mark.usefixtures("kvm_required")
+def test_platform_kernel_through_the_firmware(pyvmm_cli):
+    # From the reset vector through pyvmm's firmware: the kernel finds the same platform.
+    completed = pyvmm_cli(
+        "run", str(PLATFORM), "--firmware", "--cpus", "4", "--memory", "5G", "--append", APPEND,
+        "--timeout", str(TIMEOUT),
+    )  # fmt: skip
+    assert (completed.returncode, completed.stderr) == (0, ""), completed.stdout
+    assert completed.stdout.splitlines() == platform_output(5 * GIB, 4, APPEND)
+
+
+@pytest.mark.usefixtures("kvm_required")
 def test_platform_kernel_without_append(pyvmm_cli):
     # The command line item is then empty (a NUL), and the multiboot one ends in a space.
     completed = pyvmm_cli("run", "mb_platform", "--timeout", str(TIMEOUT))
@@ -180,10 +192,14 @@ def test_platform_kernel_notices_a_wrong_cmos_memory_field():
 
 
 @pytest.mark.usefixtures("kvm_required")
-@pytest.mark.parametrize("cpus", [1, 2])
-def test_timers_kernel_cli(pyvmm_cli, cpus):
+@pytest.mark.parametrize(
+    ("cpus", "path"), [(1, []), (2, []), (1, ["--firmware"])], ids=["1cpu", "2cpus", "firmware"]
+)
+def test_timers_kernel_cli(pyvmm_cli, cpus, path):
     # With 2 vCPUs the AP waits for INIT/SIPI that never comes: only vCPU 0 takes interrupts.
-    completed = pyvmm_cli("run", "mb_timers", "--cpus", str(cpus), "--timeout", str(TIMEOUT))
+    completed = pyvmm_cli(
+        "run", "mb_timers", *path, "--cpus", str(cpus), "--timeout", str(TIMEOUT)
+    )  # fmt: skip
     assert (completed.returncode, completed.stderr) == (0, ""), completed.stdout
     assert completed.stdout.splitlines() == timers_output()
 
