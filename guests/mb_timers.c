@@ -3,7 +3,10 @@
  * them up (docs/guest-abi.md, "Multiboot", "Firmware tables and CMOS"):
  *  - the 8259s masked, so that the ISA IRQs arrive through the IOAPIC only
  *    (their reset vector base is 0: a delivery would look like a CPU
- *    exception); their masks are read back;
+ *    exception); their masks are read back, and the edge/level control
+ *    register (ELCR, 0x4D0) keeps a level bit;
+ *  - PIT channel 2 gated through port 0x61, its OUT2 bit seen to rise at
+ *    the terminal count (how kernels calibrate the TSC);
  *  - the local APIC timer, periodic (runtime/apic.c's tick): at least
  *    LAPIC_TICKS interrupts, the wait bounded by the CMOS clock, which
  *    needs no interrupts;
@@ -32,10 +35,23 @@ enum failure {
 	F_PIT,
 	F_PIT_PIN_0,
 	F_UART,
+	F_ELCR,
+	F_PIT_GATE,
 };
 
 #define PIC1_DATA 0x21
 #define PIC2_DATA 0xA1
+#define ELCR1 0x4D0                /* edge/level control of IRQs 0-7 (bit set: level) */
+#define  ELCR_IRQ5 0x20
+
+#define PIT_CHANNEL2 0x42
+#define  PIT_CHANNEL2_MODE0 0xB0   /* channel 2, low then high byte, mode 0, binary */
+#define SPEAKER_PORT 0x61
+#define  SPEAKER_GATE2 0x01        /* gates PIT channel 2 */
+#define  SPEAKER_DATA 0x02         /* speaker on: keep it off */
+#define  SPEAKER_OUT2 0x20         /* channel 2's output, as kernels read it to time things */
+#define PIT_GATE_COUNT 1193u        /* about 1 ms */
+#define PIT_GATE_POLLS 1000000u
 
 #define PIT_CHANNEL0 0x40
 #define PIT_COMMAND 0x43
@@ -144,6 +160,37 @@ static void check_pics(void)
 	printf("8259: both masked (IMR %02x %02x)\n", master, slave);
 }
 
+/* The 8259s' edge/level control registers (0x4D0/0x4D1), as PCI firmware sets them. */
+static void check_elcr(void)
+{
+	u8 before = inb(ELCR1);
+
+	outb(ELCR1, before | ELCR_IRQ5);
+	guest_expect(F_ELCR, "elcr irq 5 level", inb(ELCR1) & ELCR_IRQ5, ELCR_IRQ5);
+	outb(ELCR1, before);
+	guest_expect(F_ELCR, "elcr restored", inb(ELCR1), before);
+	printf("8259: ELCR keeps IRQ 5's level bit\n");
+}
+
+/* PIT channel 2 through port 0x61: the gate bit starts it, the OUT2 bit shows its terminal
+ * count. Linux calibrates the TSC exactly this way. */
+static void check_pit_gate(void)
+{
+	u32 polls = 0;
+
+	outb(SPEAKER_PORT, (inb(SPEAKER_PORT) & ~SPEAKER_DATA) & ~SPEAKER_GATE2);
+	outb(PIT_COMMAND, PIT_CHANNEL2_MODE0);
+	outb(PIT_CHANNEL2, PIT_GATE_COUNT & 0xFF);
+	outb(PIT_CHANNEL2, PIT_GATE_COUNT >> 8);
+	guest_expect(F_PIT_GATE, "out2 low while counting", inb(SPEAKER_PORT) & SPEAKER_OUT2, 0);
+	outb(SPEAKER_PORT, (inb(SPEAKER_PORT) & ~SPEAKER_DATA) | SPEAKER_GATE2);
+	while (!(inb(SPEAKER_PORT) & SPEAKER_OUT2))
+		if (++polls == PIT_GATE_POLLS)
+			guest_fail(F_PIT_GATE, "out2 high after the count", 0, SPEAKER_OUT2);
+	outb(SPEAKER_PORT, inb(SPEAKER_PORT) & ~SPEAKER_GATE2);
+	printf("pit: channel 2 gated by port 0x61, OUT2 went high\n");
+}
+
 static void check_lapic_timer(void)
 {
 	u32 start = ticks, n;
@@ -230,6 +277,8 @@ int multiboot_main(u32 magic, const struct multiboot_info *mbi)
 	find_isa_routes(&madt);
 	interrupts_init();
 	check_pics();
+	check_elcr();
+	check_pit_gate();
 	check_lapic_timer();
 	check_pit(&madt);
 	check_uart(&madt);

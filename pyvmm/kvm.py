@@ -142,10 +142,11 @@ class Vm(FileHandle):
     def create_pit2(self) -> None:
         """Create the in-kernel i8254 PIT, with port 0x61 (speaker gate and channel 2 output).
 
-        Not KVM_PIT_SPEAKER_DUMMY: Linux and other kernels calibrate the TSC against PIT
-        channel 2 by polling its output bit in port 0x61, which a dummy port never sets.
+        KVM_PIT_SPEAKER_DUMMY is what makes KVM serve port 0x61 at all (a "dummy" speaker: the
+        gate and OUT2 bits work, no sound): kernels calibrate the TSC against PIT channel 2
+        by polling OUT2 there.
         """
-        config = ffi.new("struct kvm_pit_config *", {"flags": 0})
+        config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
         _ioctl(self.fd, lib.KVM_CREATE_PIT2, "KVM_CREATE_PIT2", config)
 
     def irq_line(self, irq: int, level: int) -> None:

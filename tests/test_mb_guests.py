@@ -81,6 +81,8 @@ def timers_output() -> list[str]:
         f"madt: IOAPIC {IOAPIC_ID} at {IOAPIC_ADDRESS:#x}, {len(overrides)} overrides: "
         f"IRQ 0 -> GSI {irq0_gsi} (flags {irq0_flags:#x}), IRQ 4 -> GSI {uart_gsi}",
         "8259: both masked (IMR ff ff)",
+        "8259: ELCR keeps IRQ 5's level bit",
+        "pit: channel 2 gated by port 0x61, OUT2 went high",
         "lapic timer: periodic, vector 0x20, 10 ms: at least 3 interrupts",
         f"pit: channel 0 at 100 Hz, IRQ 0 -> GSI {irq0_gsi}: at least 3 interrupts on vector "
         "0x30, 0 at GSI 0",
