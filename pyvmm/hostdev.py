@@ -205,6 +205,10 @@ def _sysfs_root(device: HostDevice) -> Path:
     return SYSFS
 
 
+#: PCI base classes whose devices a host usually depends on while a driver holds them.
+_HOST_CLASSES = {0x01: "storage", 0x02: "network", 0x03: "display", 0x0C: "serial bus (USB)"}
+
+
 class _Problem(NamedTuple):
     """What stands between a device and assignment: reason, fix command (if any), and a hint."""
 
@@ -260,7 +264,12 @@ def _bound_problem(device: HostDevice) -> _Problem | None:
         if _is_vfio_driver(device.driver):
             return None
         now = f"bound to {device.driver}" if device.driver else "not bound to any driver"
-        return _Problem(f"{device.name} is {now}, not vfio-pci", f"pyvmm bind {device.name}")
+        reason = f"{device.name} is {now}, not vfio-pci"
+        kind = _HOST_CLASSES.get(_pci_class(device) >> 16)
+        if device.driver and kind:
+            # The fix takes the device away from the host: say so before someone pastes it.
+            reason += f" (careful: the host may be using this {kind} device through it)"
+        return _Problem(reason, f"pyvmm bind {device.name}")
     if device.driver is None:
         drivers = _sysfs_root(device) / "bus/mdev/drivers"
         names = sorted(p.name for p in drivers.iterdir()) if drivers.is_dir() else []

@@ -586,3 +586,13 @@ def test_pyvmm_command_has_the_subcommands(
     assert capsys.readouterr().out == through_pyvmm
     assert pyvmm_cli.main(["bind", "00:09.0", *roots]) == ExitStatus.DEVICE_NOT_FOUND
     assert capsys.readouterr().err.startswith("pyvmm: no PCI device or mdev '00:09.0'")
+
+
+def test_fix_warns_when_the_host_may_be_using_the_device(host: FakeHost) -> None:
+    host.add_pci("0000:00:05.0", ids=(0x8086, 0x10D3), cls=0x020000, driver="e1000e", group=7)
+    host.add_pci("0000:00:06.0", ids=(0x1234, 0x11E8), cls=0x00FF00, driver="edu_drv", group=8)
+    nic, other = (hostdev.report(find_device(name, host.sysfs, host.dev), host.sysfs, host.dev)
+                  for name in ("0000:00:05.0", "0000:00:06.0"))  # fmt: skip
+    assert nic.fix == "pyvmm bind 0000:00:05.0"
+    assert "careful: the host may be using this network device" in nic.reason
+    assert other.fix == "pyvmm bind 0000:00:06.0" and "careful" not in other.reason
