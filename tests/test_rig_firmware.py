@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_rig_assign import PATHS, rig_env, run_guest
 from tests.test_rig_linux import boot_linux, marker
 
 pytestmark = pytest.mark.rig
@@ -38,3 +39,14 @@ def test_linux_boots_through_the_firmware_and_powers_off(tmp_path: Path, record_
         f"(kernel's clock), {wall:.1f} s of wall time for the whole run, "
         f"{exits.group(1) if exits else '?'} exits, {dma.group(1)} fw_cfg DMA accesses"
     )
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_edu_assigned_through_the_firmware(path: str) -> None:
+    """The firmware path with a device: the guest still finds, maps and drives edu."""
+    edu = rig_env("PYVMM_RIG_EDU")
+    done = run_guest("edu", edu, path, "--firmware", "--stats")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for line in ("edu: id 0x010000ed", "intx 3 ok", "msi 3 ok", "edu: all ok"):
+        assert line in done.stdout, done.stdout
+    assert re.search(r"port 0x514 fw_cfg-dma: \d+ accesses", done.stderr), done.stderr
