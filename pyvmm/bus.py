@@ -62,6 +62,9 @@ class Bus:
         self._table: Any = None
         self._bus: Any = None
         self._retired: list[Any] = []
+        #: Per compiled table (its struct pyvmm_bus * as an int): the Python handlers and the
+        #: ranges by index, so an access is served by the table that found it.
+        self.tables: dict[int, tuple[list[PythonHandler | None], list[BusRange]]] = {}
         self._counts: dict[tuple[int, str], int] = {}
         #: Callbacks run with the new struct pyvmm_bus * whenever the table is rebuilt.
         self.watchers: list[Callable[[Any], None]] = []
@@ -169,4 +172,6 @@ class Bus:
             self._table = table
             self._compiled_ranges = list(self.ranges)
             self._bus = ffi.new("struct pyvmm_bus *", {"ranges": table, "count": len(self.ranges)})
+            address = int(ffi.cast("uintptr_t", self._bus))
+            self.tables[address] = (self.python_handlers(), self._compiled_ranges)
         return self._bus

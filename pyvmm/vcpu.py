@@ -38,10 +38,10 @@ class VcpuStop(enum.IntEnum):
 
 #: The access fields of struct pyvmm_vcpu_loop, access_range to access_offset, read in one go:
 #: six u32 then a u64 (one unpack is cheaper than seven cffi field reads on every exit).
-_ACCESS = struct.Struct("=6IQ")
+_ACCESS = struct.Struct("=6IQQ")
 _ACCESS_OFFSET = ffi.offsetof("struct pyvmm_vcpu_loop", "access_range")
 assert _ACCESS_OFFSET + _ACCESS.size == ffi.offsetof(
-    "struct pyvmm_vcpu_loop", "access_offset"
+    "struct pyvmm_vcpu_loop", "access_bus"
 ) + ffi.sizeof("uint64_t"), "struct pyvmm_vcpu_loop's access fields moved"
 
 #: The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it cannot clash
@@ -64,7 +64,7 @@ class VcpuRunner:
         loop.mmio = mmio.compile()
         loop.stop = stop_flag
         loop.fail_on_unclaimed = int(fail_on_unclaimed)
-        self._handlers = [pio.python_handlers(), mmio.python_handlers()]
+        self._tables = (pio.tables, mmio.tables)
         self._buses = (pio, mmio)
         pio.watchers.append(self._pio_changed)
         mmio.watchers.append(self._mmio_changed)
@@ -103,10 +103,10 @@ class VcpuRunner:
                 return VcpuStop.HANDLER_RAISED
 
     def _serve(self) -> None:
-        index, is_mmio, is_write, size, count, start, offset = _ACCESS.unpack_from(
+        index, is_mmio, is_write, size, count, start, offset, bus = _ACCESS.unpack_from(
             self._loop_bytes, _ACCESS_OFFSET
         )
-        handler = self._handlers[is_mmio][index]
+        handler = self._tables[is_mmio][bus][0][index]
         for item in range(count):
             at = start + item * size
             view = self._views.get((at, size))
@@ -115,12 +115,9 @@ class VcpuRunner:
             handler(offset, view, is_write == 1)
 
     def _pio_changed(self, compiled: Any) -> None:
-        # Handlers first: the loop can only hand back indexes of the table it searches.
-        self._handlers[0] = self._buses[0].python_handlers()
         self.loop.pio = compiled
 
     def _mmio_changed(self, compiled: Any) -> None:
-        self._handlers[1] = self._buses[1].python_handlers()
         self.loop.mmio = compiled
 
     def detach(self) -> None:
@@ -130,8 +127,9 @@ class VcpuRunner:
 
     def access_range_name(self) -> str:
         """Name of the range of the last Python-handled access."""
-        bus = self._buses[self.loop.access_is_mmio]
-        return bus.ranges[self.loop.access_range].name
+        loop = self.loop
+        _, ranges = self._tables[loop.access_is_mmio][loop.access_bus]
+        return ranges[loop.access_range].name
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN now (the stop flag must already be set)."""

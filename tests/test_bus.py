@@ -57,3 +57,25 @@ def test_buffer_range_keeps_its_memory_and_points_the_table_at_it():
     assert table.ranges[0].kind == lib.PYVMM_HANDLER_BUFFER
     assert int(ffi.cast("uintptr_t", table.ranges[0].device)) == buffer.ctypes.data
     assert buffer.shape == (32,) and not buffer.any()
+
+
+def test_an_access_is_served_by_the_table_that_found_it():
+    """A bus that changes under running vCPUs keeps every compiled table's handlers, so an
+    index the C loop found in an old table still names the right handler."""
+    bus = Bus("MMIO", 1 << 32)
+
+    def first(*_):
+        pass
+
+    def second(*_):
+        pass
+
+    bus.add(0x2000, 0x100, second, "second")
+    swapped = []
+    bus.watchers.append(swapped.append)
+    old = int(ffi.cast("uintptr_t", bus.compile()))
+    bus.add(0x1000, 0x100, first, "first")  # sorts before: every index moves
+    new = int(ffi.cast("uintptr_t", swapped[-1]))
+    assert new != old
+    assert bus.tables[old][0][0] is second and bus.tables[old][1][0].name == "second"
+    assert bus.tables[new][0][0] is first and bus.tables[new][0][1] is second

@@ -98,6 +98,8 @@ struct pyvmm_vcpu_loop {
 	uint32_t access_count;    /* items (rep ins/outs) */
 	uint32_t access_data_offset; /* where the data lies in kvm_run */
 	uint64_t access_offset;   /* address - range base */
+	uint64_t access_bus;      /* the struct pyvmm_bus * that access_range indexes: a bus may
+				   * get a new table between this exit and Python's turn */
 	uint64_t exit_status;
 	int error;
 	uint32_t error_in_device; /* the errno came from a forwarded fd, not from KVM_RUN */

@@ -154,10 +154,11 @@ static int unclaimed(struct pyvmm_vcpu_loop *loop, struct pyvmm_unclaimed *recor
 }
 
 /* Hand the access to Python: it completes the data in kvm_run and calls us again. */
-static int to_python(struct pyvmm_vcpu_loop *loop, uint32_t index, uint64_t offset,
-		     int is_mmio, int is_write, uint32_t size, uint32_t count,
+static int to_python(struct pyvmm_vcpu_loop *loop, const struct pyvmm_bus *bus, uint32_t index,
+		     uint64_t offset, int is_mmio, int is_write, uint32_t size, uint32_t count,
 		     uint32_t data_offset)
 {
+	loop->access_bus = (uint64_t)(uintptr_t)bus;
 	loop->access_range = index;
 	loop->access_offset = offset;
 	loop->access_is_mmio = is_mmio;
@@ -175,14 +176,16 @@ static int handle_io(struct pyvmm_vcpu_loop *loop)
 	uint8_t *data = (uint8_t *)run + run->io.data_offset;
 	int is_write = run->io.direction == KVM_EXIT_IO_OUT;
 	uint32_t index, item;
-	const struct pyvmm_range *range = bus_find(loop->pio, run->io.port, &index);
+	/* Read once: Python may swap in a new table (see struct pyvmm_bus) at any time. */
+	const struct pyvmm_bus *bus = loop->pio;
+	const struct pyvmm_range *range = bus_find(bus, run->io.port, &index);
 
 	if (!range)
 		return unclaimed(loop, &loop->unclaimed_pio, run->io.port, data,
 				 run->io.size * run->io.count, is_write);
 	if (range->kind == PYVMM_HANDLER_PYTHON) {
 		__atomic_fetch_add(&((struct pyvmm_range *)range)->hits, 1, __ATOMIC_RELAXED);
-		return to_python(loop, index, run->io.port - range->base, 0, is_write,
+		return to_python(loop, bus, index, run->io.port - range->base, 0, is_write,
 				 run->io.size, run->io.count, run->io.data_offset);
 	}
 	/* String I/O (rep ins/outs) arrives as count items back to back. */
@@ -200,7 +203,8 @@ static int handle_mmio(struct pyvmm_vcpu_loop *loop)
 {
 	struct kvm_run *run = loop->run;
 	uint32_t index;
-	const struct pyvmm_range *range = bus_find(loop->mmio, run->mmio.phys_addr, &index);
+	const struct pyvmm_bus *bus = loop->mmio;
+	const struct pyvmm_range *range = bus_find(bus, run->mmio.phys_addr, &index);
 	int stop;
 
 	if (!range)
@@ -215,8 +219,9 @@ static int handle_mmio(struct pyvmm_vcpu_loop *loop)
 	} else {
 		__atomic_fetch_add(&((struct pyvmm_range *)range)->hits, 1, __ATOMIC_RELAXED);
 	}
-	return to_python(loop, index, run->mmio.phys_addr - range->base, 1, run->mmio.is_write,
-			 run->mmio.len, 1, (uint32_t)((uint8_t *)run->mmio.data - (uint8_t *)run));
+	return to_python(loop, bus, index, run->mmio.phys_addr - range->base, 1,
+			 run->mmio.is_write, run->mmio.len, 1,
+			 (uint32_t)((uint8_t *)run->mmio.data - (uint8_t *)run));
 }
 
 static void ignore_kick(int signum)
