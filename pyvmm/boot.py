@@ -136,8 +136,8 @@ def load_guest(
 
     if append or initrd:
         raise ConfigurationError(
-            f"--append and --initrd are for multiboot kernels: {path} boots with pyvmm's ELF "
-            "entry ABI, which has no command line or modules"
+            f"--append and --initrd are for multiboot kernels and Linux bzImages: {path} boots "
+            "with pyvmm's ELF entry ABI, which has no command line or modules"
         )
     image = load_elf(memory, path, real_mode=mode is CpuMode.REAL)
     chosen = mode or (CpuMode.LONG if image.elf_class == 64 else CpuMode.PROTECTED)

@@ -54,22 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--boot",
         choices=[protocol.value for protocol in BootProtocol],
-        help="boot protocol (default: from the image: multiboot if it has a multiboot header, "
-        "else elf, pyvmm's own entry ABI)",
+        help="boot protocol (default: from the image: linux for a bzImage, multiboot if it has a "
+        "multiboot header, else elf, pyvmm's own entry ABI)",
     )
     run.add_argument(
         "--append",
         default="",
         metavar="TEXT",
-        help="multiboot kernel command line; the kernel gets 'GUEST TEXT', as from QEMU",
+        help="kernel command line (multiboot: the kernel gets 'GUEST TEXT', as from QEMU; "
+        "Linux: TEXT)",
     )
     run.add_argument(
         "--initrd",
         action="append",
         default=[],
         metavar="FILE[,FILE...]",
-        help="multiboot modules, in order; an entry 'FILE ARGS' gives the module a command "
-        "line, ',,' is a comma (QEMU's -initrd syntax; repeatable)",
+        help="multiboot modules, in order (an entry 'FILE ARGS' gives the module a command "
+        "line, ',,' is a comma: QEMU's -initrd syntax; repeatable), or a Linux kernel's one "
+        "initrd",
     )
     run.add_argument(
         "--mode",
