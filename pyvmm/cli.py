@@ -185,6 +185,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.stats:
         for line in result.stats_lines():
             print(f"pyvmm: stats: {line}", file=sys.stderr)
+    for assigned in machine.assigned:  # what the guest asked of a device that was refused
+        for warning in assigned.warning_lines():
+            print(f"pyvmm: warning: {warning}", file=sys.stderr)
     if result.outcome != "unclaimed":
         for space, record in (("port", result.unclaimed_pio), ("MMIO", result.unclaimed_mmio)):
             if record.count:

@@ -82,22 +82,38 @@ class GsiRouting:
         return entries
 
     def add_msi(self, address: int, data: int) -> int:
-        """Route a new GSI to the MSI (address, data); returns the GSI."""
+        """Route a new GSI to the MSI (address, data); returns the GSI.
+
+        If KVM refuses the table, the GSI goes back to the free list and the error is raised.
+        """
         gsi = self._free.pop() if self._free else self._next
         if gsi == self._next:
             self._next += 1
         self.msi[gsi] = (address, data)
-        self.commit()
+        try:
+            self.commit()
+        except PyvmmError:
+            del self.msi[gsi]
+            self._free.append(gsi)
+            raise
         return gsi
 
     def set_msi(self, gsi: int, address: int, data: int) -> None:
-        """Point an MSI GSI at a new (address, data), as the guest reprogrammed it."""
-        if self.msi.get(gsi) != (address, data):
+        """Point an MSI GSI at a new (address, data), as the guest reprogrammed it.
+
+        If KVM refuses the table, the old route stays (in KVM and here) and the error is raised.
+        """
+        old = self.msi.get(gsi)
+        if old != (address, data):
             self.msi[gsi] = (address, data)
-            self.commit()
+            try:
+                self.commit()
+            except PyvmmError:
+                self.msi[gsi] = old
+                raise
 
     def remove_msi(self, gsi: int) -> None:
-        """Drop an MSI route and recycle its GSI."""
+        """Drop an MSI route and recycle its GSI (even if KVM refuses the smaller table)."""
         if self.msi.pop(gsi, None) is not None:
             self._free.append(gsi)
             self.commit()
@@ -118,7 +134,11 @@ class MsiVector:
         self.vm = vm
         self.routing = routing
         self.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.gsi = routing.add_msi(address, data)
+        try:
+            self.gsi = routing.add_msi(address, data)
+        except BaseException:
+            os.close(self.eventfd)
+            raise
         self.attached = False
 
     def route(self, address: int, data: int) -> None:
@@ -135,13 +155,21 @@ class MsiVector:
             self.attached = True
 
     def close(self) -> None:
-        """Detach, drop the route, close the eventfd."""
+        """Detach, drop the route, close the eventfd: each step even if one before failed.
+
+        Closing the eventfd also ends an irqfd that KVM would not deassign.
+        """
         if self.eventfd < 0:
             return
-        self.set_masked(True)
-        self.routing.remove_msi(self.gsi)
-        os.close(self.eventfd)
-        self.eventfd = -1
+        try:
+            self.set_masked(True)
+        finally:
+            try:
+                self.routing.remove_msi(self.gsi)
+            finally:
+                os.close(self.eventfd)
+                self.eventfd = -1
+                self.attached = False
 
 
 class IntxLine:
@@ -161,15 +189,22 @@ class IntxLine:
         self.enabled = False
 
     def enable(self) -> None:
-        """Wire the line from the device to the guest's GSI."""
+        """Wire the line from the device to the guest's GSI; on failure, nothing stays wired."""
         self.device.set_irqs(INTX, EVENTFD_TRIGGER, 0, 1, [self.trigger])
-        self.vm.irqfd(self.trigger, self.gsi, resample_fd=self.resample)
+        try:
+            self.vm.irqfd(self.trigger, self.gsi, resample_fd=self.resample)
+        except PyvmmError:
+            with contextlib.suppress(PyvmmError):
+                self.device.set_irqs(INTX, NONE_TRIGGER, 0, 0)
+            raise
         self.enabled = True
         unmask = lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_UNMASK
         try:
             self.device.set_irqs(INTX, unmask, 0, 1, [self.resample])
         except VfioIoctlError as error:
             if error.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                with contextlib.suppress(PyvmmError):
+                    self.disable()
                 raise
             if self.thread is None:
                 self.thread = threading.Thread(
@@ -196,8 +231,10 @@ class IntxLine:
         """Disconnect the line (MSI or MSI-X take over, or teardown)."""
         if self.enabled:
             self.enabled = False
-            self.device.set_irqs(INTX, NONE_TRIGGER, 0, 0)
-            self.vm.irqfd_deassign(self.trigger, self.gsi)
+            try:
+                self.device.set_irqs(INTX, NONE_TRIGGER, 0, 0)
+            finally:
+                self.vm.irqfd_deassign(self.trigger, self.gsi)
 
     def close(self) -> None:
         """Stop the unmask thread and close the eventfds."""

@@ -181,6 +181,7 @@ class Machine:
                 slots=self.memory_slots,
                 resources=self._resources,
                 mmap_bars=mmap,
+                guest_ram=[(r.guest_phys_addr, r.size) for r in self.memory.regions],
             )
         except BaseException:
             self._vfio.opened.remove(opened)

@@ -8,6 +8,8 @@ real /dev/kvm.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 
 import numpy as np
@@ -17,6 +19,7 @@ from pyvmm import Machine, guest_path
 from pyvmm._native import lib
 from pyvmm.bus import Bus
 from pyvmm.devices.vfio_pci import VfioPciDevice
+from pyvmm.devices.vfio_pci_bars import placement_problem, segments
 from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm
 from pyvmm.memory import GIB, GuestMemory, MemorySlots
@@ -24,7 +27,7 @@ from pyvmm.pci import config as pci
 from pyvmm.pci.host import ECAM_BASE, PciBus
 from pyvmm.pci.msi import MsiCapability, MsixCapability
 from pyvmm.pci.resources import PciResources
-from pyvmm.vfio import IrqInfo, RegionInfo
+from pyvmm.vfio import IrqInfo, RegionInfo, VfioIoctlError
 from pyvmm.x86 import CpuMode, write_boot_tables
 
 
@@ -101,6 +104,20 @@ def test_msix_capability_and_table() -> None:
     assert msix.read(2, 2) & 0x7FF == 7
 
 
+def test_msi_multiple_message_enable_never_exceeds_capable() -> None:
+    raw = bytes([pci.CAP_MSI, 0]) + struct.pack("<H", 0x0100 | 0x2) + bytes(20)  # 2 vectors
+    msi = MsiCapability(raw)
+    for enable in range(8):  # 1..32 vectors asked for, and the reserved values 6 and 7
+        msi.write(2, 2, enable << 4 | 1)
+        assert msi.vectors == min(1 << enable, 2), enable
+        assert msi.read(2, 2) >> 4 & 7 == min(enable, 1), "reads back clamped, as QEMU's"
+    msi.write(0xC, 4, 0xFFFFFFFF)
+    assert msi.read(0xC, 4) == 0b11, "mask bits past the device's vectors are reserved"
+    reserved = MsiCapability(bytes([pci.CAP_MSI, 0]) + struct.pack("<H", 0xE) + bytes(20))
+    reserved.write(2, 2, 0x71)
+    assert reserved.vectors == 32, "a reserved Capable value counts as the largest, 32"
+
+
 class FakeVfioDevice:
     """Registers of a PCI device as VFIO would show them; records what was asked of it."""
 
@@ -124,6 +141,8 @@ class FakeVfioDevice:
         for index in range(9):
             self.regions[index] = RegionInfo(index, 3, sizes.get(index, 0), index << 40, ())
         self.irq_calls: list[tuple[int, int, int]] = []
+        #: IRQ indexes whose ACTION_TRIGGER with eventfds fails, as VFIO fails it (EINVAL).
+        self.refuse: set[int] = set()
 
     def get_info(self) -> tuple[int, int, int]:
         return lib.VFIO_DEVICE_FLAGS_PCI, 9, 5
@@ -135,6 +154,8 @@ class FakeVfioDevice:
         return IrqInfo(index, lib.VFIO_IRQ_INFO_EVENTFD, 1)
 
     def set_irqs(self, index, flags, start=0, count=0, fds=None) -> None:
+        if index in self.refuse and flags & lib.VFIO_IRQ_SET_DATA_EVENTFD:
+            raise VfioIoctlError("VFIO_DEVICE_SET_IRQS", errno.EINVAL)
         self.irq_calls.append((index, flags, count))
 
     def read(self, region: int, offset: int, size: int) -> int:
@@ -163,6 +184,7 @@ def assigned(kvm_required):
             routing=GsiRouting(vm),
             slots=MemorySlots(1),
             resources=PciResources(64 << 20),
+            guest_ram=[(0, 64 << 20)],
         )
         yield device, fake, pio, mmio
         device.close()
@@ -282,14 +304,14 @@ def test_msix_table_and_pba_pages_are_trapped_the_rest_mapped(assigned) -> None:
     bar = device.bars[2]
     bar.region = RegionInfo(2, 7, 0x4000, 2 << 40, ((0, 0x4000),))  # VFIO: all mappable
     device.msix.table_offset, device.msix.pba_offset = 0x1000, 0x3000
-    assert device._segments(bar) == [
+    assert segments(bar, device.msix, mmap_bars=True) == [
         ("mmap", 0, 0x1000),
         ("msix", 0x1000, 0x1000),
         ("mmap", 0x2000, 0x1000),
         ("trap", 0x3000, 0x1000),
     ]
-    device.mmap_bars = False  # --no-mmap
-    assert [kind for kind, *_ in device._segments(bar)] == ["trap", "msix", "trap"]
+    no_mmap = segments(bar, device.msix, mmap_bars=False)  # --no-mmap
+    assert [kind for kind, *_ in no_mmap] == ["trap", "msix", "trap"]
 
 
 def test_msix_routes_follow_table_writes_and_masks(assigned) -> None:
@@ -320,3 +342,91 @@ def test_msix_routes_follow_table_writes_and_masks(assigned) -> None:
     assert not any(v.attached for v in device.vectors)
     device.config_write(0x72, 2, 0)
     assert device.vectors == [] and device.routing.msi == {}
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_msi_enable_that_vfio_refuses_leaks_nothing_and_warns(assigned) -> None:
+    device, fake, *_ = assigned
+    fake.refuse.add(lib.VFIO_PCI_MSI_IRQ_INDEX)
+    before = open_fds()
+    device.config_write(0x64, 4, 0xFEE00000)
+    device.config_write(0x6C, 2, 0x31)
+    device.config_write(0x62, 2, 1)
+    assert device.config_read(0x62, 2) & 1, "the enable bit stays as the guest wrote it"
+    assert device.vectors == [] and device.routing.msi == {}, "no vector, no route"
+    assert open_fds() == before, "the vector's eventfd is closed"
+    assert fake.irq_calls[-2][:2] == (
+        lib.VFIO_PCI_INTX_IRQ_INDEX,
+        lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_TRIGGER,
+    ), "INTx is wired again, as QEMU falls back"
+    [warning] = device.warning_lines()
+    assert "MSI enable with 1 vectors failed: VFIO_DEVICE_SET_IRQS failed: EINVAL" in warning
+    assert "\n" not in warning
+    device.config_write(0x6C, 2, 0x32)  # while "enabled": no retry, no second warning
+    assert len(device.warning_lines()) == 1
+    fake.refuse.clear()
+    device.config_write(0x62, 2, 0)
+    device.config_write(0x62, 2, 1)  # a new edge: it works now, on a recycled GSI
+    assert device.active_irq == lib.VFIO_PCI_MSI_IRQ_INDEX
+    assert device.routing.msi == {24: (0xFEE00000, 0x32)}
+
+
+def test_msix_enable_that_vfio_refuses_releases_every_vector(assigned) -> None:
+    device, fake, *_ = assigned
+    fake.refuse.add(lib.VFIO_PCI_MSIX_IRQ_INDEX)
+    before = open_fds()
+    device.config_write(0x72, 2, 0x8000)
+    assert device.vectors == [] and device.routing.msi == {}
+    assert open_fds() == before
+    assert "MSI-X enable with 4 vectors failed" in device.warning_lines()[0]
+    assert sorted(device.routing._free) == [24, 25, 26, 27], "the GSIs are free again"
+
+
+def test_placement_problems_name_what_is_in_the_way() -> None:
+    ram = [(0, 64 << 20, "guest RAM")]
+    assert placement_problem(0xC000_0000, 0x1000, ram, 48) is None
+    assert "overlaps guest RAM [0x0, 0x4000000)" in placement_problem(0x10_0000, 0x1000, ram, 48)
+    assert "48-bit" in placement_problem(0xFFFF_FFFF_0000_0000, 0x1000, ram, 48)
+    assert placement_problem((1 << 48) - 0x1000, 0x1000, ram, 48) is None
+
+
+def test_bar_moves_onto_taken_places_are_refused_and_moving_back_works(assigned) -> None:
+    device, _, pio, mmio = assigned
+    mmio.add(0xD000_0000, 0x1000, lambda *_: None, "a platform window")
+    pio.add(0x3F8, 8, lambda *_: None, "COM1")
+    device.config_write(pci.COMMAND, 2, pci.COMMAND_IO | pci.COMMAND_MEMORY)
+    assert mmio.find(0xC000_0000).name.endswith("BAR0")
+    for place in (0x10_0000, 0xD000_0000, 0xFEE0_0000, 0xFEC0_0000, 0xFFFF_0000):
+        device.config_write(0x10, 4, place)
+        found = mmio.find(place)
+        assert found is None or "BAR0" not in found.name, hex(place)
+        assert mmio.find(0xC000_0000) is None, "not decoded at the old place either"
+        assert device.config_read(0x10, 4) == place, "the register holds what the guest wrote"
+    device.config_write(0x10, 4, 0xC000_0000)
+    assert mmio.find(0xC000_0000).name.endswith("BAR0"), "back at a free place: mapped"
+    device.config_write(0x1C, 4, 0xFFFF_FFFF)  # BAR2's upper half: beyond any address width
+    assert not any("BAR2" in r.name or "MSI-X" in r.name for r in mmio.ranges)
+    device.config_write(0x1C, 4, 0)
+    assert any("MSI-X" in r.name for r in mmio.ranges)
+    device.config_write(0x20, 4, 0x3F8)  # the I/O BAR onto COM1's ports
+    assert pio.find(0x3F8).name == "COM1"
+    device.config_write(0x20, 4, 0xD000)
+    assert pio.find(0xD000).name.endswith("BAR4")
+    warnings = device.warning_lines()
+    assert len(warnings) == 7 and all("refused" in line for line in warnings), warnings
+    assert "overlaps guest RAM" in warnings[0] and "overlaps a platform window" in warnings[1]
+    device.config_write(0x10, 4, 0x10_0000)
+    device.config_write(0x10, 4, 0x10_0000)
+    assert len(device.warning_lines()) == 7, "the same refusal is one warning"
+
+
+def test_a_flood_of_refusals_is_a_bounded_list_of_lines(assigned) -> None:
+    device, *_ = assigned
+    device.config_write(pci.COMMAND, 2, pci.COMMAND_MEMORY)
+    for page in range(40):
+        device.config_write(0x10, 4, 0x20_0000 + page * 0x1000)
+    lines = device.warning_lines()
+    assert len(lines) == 17 and lines[-1].endswith("24 more warnings like these"), lines[-1]

@@ -3,10 +3,8 @@
 The guest sees the device's own configuration space, except where the VMM must own it:
 
 - BARs and the expansion ROM BAR: pyvmm placed them (pci/resources.py) and emulates sizing
-  and moves. A memory BAR whose VFIO region may be mmap'd becomes KVM memory slots, so guest
-  accesses cause no exits at all; the pages holding the MSI-X table, and BARs that cannot be
-  mmap'd (I/O BARs, mmap turned off), are trapped and forwarded to the device by the C run
-  loop (pread/pwrite on the device fd), never entering Python.
+  and moves; vfio_pci_bars.py maps them (KVM memory slots, or traps served in C) wherever
+  the guest puts them, or refuses a place that is taken or cannot exist.
 - MSI and MSI-X: emulated (pci/msi.py); each vector is an eventfd that VFIO signals and a KVM
   irqfd on a GSI whose MSI route follows the guest's address, data and mask bits.
 - INTx: an eventfd VFIO signals, a KVM irqfd with a resample eventfd on the GSI pyvmm wired
@@ -15,28 +13,31 @@ The guest sees the device's own configuration space, except where the VMM must o
 - The capability list shows only what pyvmm supports (MSI, MSI-X, power management, PCI
   Express); the extended space reads as empty. Every other access goes to the device.
 
-One device, one file, as in kvmtool: it is longer than pyvmm's other modules because it is
-the whole device, read top to bottom: set-up, configuration space, BARs, interrupts, teardown.
+Nothing the guest writes ends the run. What the host refuses (a BAR over RAM, an interrupt
+set-up VFIO or KVM rejects) leaves the guest a device that does not decode there or whose
+interrupt does not arrive, as QEMU's vfio-pci reports an error and carries on, and records
+a one-line warning (``warnings``) that the CLI prints at the end of the run.
+
+One device, one file, as in kvmtool: set-up, configuration space, BARs, interrupts, teardown.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
-import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-from pyvmm._native import ffi, lib
-from pyvmm.bus import Bus, NativeHandler
-from pyvmm.errors import ConfigurationError, PyvmmError
+from pyvmm._native import lib
+from pyvmm.bus import Bus
+from pyvmm.devices.vfio_pci_bars import Bar, BarMapper, BarRefusedError
+from pyvmm.errors import PyvmmError
 from pyvmm.irq import EVENTFD_TRIGGER, NONE_TRIGGER, GsiRouting, IntxLine, MsiVector
 from pyvmm.kvm import Vm
-from pyvmm.memory import PAGE_SIZE, MemorySlots
+from pyvmm.memory import MemorySlots
 from pyvmm.pci import config as pci
 from pyvmm.pci.msi import MSIX_ENTRY_SIZE, MsiCapability, MsixCapability
 from pyvmm.pci.resources import PciResources
-from pyvmm.vfio import RegionInfo, VfioDevice
+from pyvmm.vfio import VfioDevice
 
 CONFIG = lib.VFIO_PCI_CONFIG_REGION_INDEX
 INTX, MSI, MSIX = (
@@ -44,31 +45,10 @@ INTX, MSI, MSIX = (
     lib.VFIO_PCI_MSI_IRQ_INDEX,
     lib.VFIO_PCI_MSIX_IRQ_INDEX,
 )
+IRQ_NAMES = {INTX: "INTx", MSI: "MSI", MSIX: "MSI-X"}
 EXPOSED_CAPABILITIES = {pci.CAP_POWER_MANAGEMENT, pci.CAP_MSI, pci.CAP_EXPRESS, pci.CAP_MSIX}
-
-
-@dataclass
-class Bar:
-    """One BAR (or the ROM BAR): its region, its place in the guest, how it is mapped now."""
-
-    index: int
-    region: RegionInfo
-    flags: int  #: the low bits the guest reads back: I/O, or memory type and prefetchable
-    address: int
-    is_64: bool = False
-    mapped_at: int | None = None
-    slots: list[tuple[int, int, Any, Any]] = field(default_factory=list)
-    ranges: list[tuple[Bus, int]] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        """Bytes (or ports) the BAR decodes."""
-        return self.region.size
-
-    @property
-    def is_io(self) -> bool:
-        """An I/O-space BAR."""
-        return self.index < 6 and bool(self.flags & pci.BAR_IO)
+#: Distinct warnings kept per device; a guest hammering bad values gets a count beyond them.
+MAX_WARNINGS = 16
 
 
 class VfioPciDevice:
@@ -86,9 +66,24 @@ class VfioPciDevice:
         slots: MemorySlots,
         resources: PciResources,
         mmap_bars: bool = True,
+        guest_ram: Sequence[tuple[int, int]] = (),
     ) -> None:
+        """guest_ram: the (base, size) ranges of guest RAM, where no BAR may be decoded."""
         self.device, self.slot, self.vm, self.pio, self.mmio = device, slot, vm, pio, mmio
-        self.routing, self.memory_slots, self.mmap_bars = routing, slots, mmap_bars
+        self.routing = routing
+        self.mapper = BarMapper(
+            device_name=device.name,
+            fd=device.fd,
+            vm=vm,
+            pio=pio,
+            mmio=mmio,
+            slots=slots,
+            mmap_bars=mmap_bars,
+            guest_ram=guest_ram,
+        )
+        #: One line each, for the end of the run: what pyvmm refused or could not set up.
+        self.warnings: list[str] = []
+        self.warnings_dropped = 0
         self.flags = self.command = 0
         self.vectors: list[MsiVector] = []
         self.active_irq: int | None = None
@@ -115,7 +110,8 @@ class VfioPciDevice:
         self.interrupt_line = pci.intx_gsi(self.slot, pin) if 1 <= pin <= 4 else 0xFF
         if 1 <= pin <= 4 and device.get_irq_info(INTX).count:
             self.intx = IntxLine(device, self.vm, self.interrupt_line)
-            self._enable_intx()
+            self.intx.enable()  # at set-up a failure is the assignment's, not the guest's
+            self.active_irq = INTX
         # Firmware leaves decoding off: the guest turns it on.
         device.write(CONFIG, pci.COMMAND, 2, 0)
 
@@ -145,7 +141,6 @@ class VfioPciDevice:
         self.capabilities: list[tuple[int, int]] = []
         self.msi: MsiCapability | None = None
         self.msix: MsixCapability | None = None
-        self.msix_window: tuple[Bar, int] | None = None
         if not self._device_read(pci.STATUS, 2) & pci.STATUS_CAPABILITIES:
             return
         offset, seen = self._device_read(pci.CAPABILITY_POINTER, 1) & 0xFC, set()
@@ -165,9 +160,19 @@ class VfioPciDevice:
 
     # ---- configuration space ------------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
-        """The guest's view: the device's registers with pyvmm's own overlaid."""
+        """The guest's view: the device's registers with pyvmm's own overlaid.
+
+        A read the device fails reads as all ones, as from a function that went away.
+        """
         if offset >= pci.CONFIG_SPACE_SIZE:
             return 0
+        try:
+            return self._config_read(offset, size)
+        except (PyvmmError, OSError) as error:
+            self.warn(f"config read at {offset:#x} failed: {_reason(error)}; read as all ones")
+            return (1 << 8 * size) - 1
+
+    def _config_read(self, offset: int, size: int) -> int:
         value, device_value = 0, None
         for i in range(size):
             byte = self._emulated_byte(offset + i)
@@ -200,9 +205,23 @@ class VfioPciDevice:
         return None
 
     def config_write(self, offset: int, size: int, value: int) -> None:
-        """Apply a guest write: to pyvmm's registers where emulated, else to the device."""
+        """Apply a guest write: to pyvmm's registers where emulated, else to the device.
+
+        Whatever the guest writes, the run goes on: what cannot be done is a warning.
+        """
         if offset >= pci.CONFIG_SPACE_SIZE:
             return
+        try:
+            self._config_write(offset, size, value)
+        except (PyvmmError, OSError) as error:
+            self.warn(
+                f"config write of {value:#x} ({size} bytes) at {offset:#x} failed: "
+                f"{_reason(error)}; ignored"
+            )
+
+    def _config_write(self, offset: int, size: int, value: int) -> None:
+        msi_was_enabled = self.msi is not None and self.msi.enabled
+        msix_was_enabled = self.msix is not None and self.msix.enabled
         emulated = [self._emulated_byte(offset + i) is not None for i in range(size)]
         if not any(emulated):
             self.device.write(CONFIG, offset, size, value)
@@ -228,9 +247,9 @@ class VfioPciDevice:
             elif what == "rom" and self.rom is not None:
                 self._bar_moved(self.rom)
             elif what == "msi":
-                self._msi_written()
+                self._msi_written(msi_was_enabled)
             elif what == "msix":
-                self._msix_control_written()
+                self._msix_control_written(msix_was_enabled)
 
     def _write_emulated_byte(self, offset: int, byte: int) -> str:
         if pci.BAR0 <= offset < pci.BAR0 + 4 * pci.BAR_COUNT:
@@ -297,180 +316,144 @@ class VfioPciDevice:
             self._bar_moved(bar)
 
     def _bar_moved(self, bar: Bar) -> None:
-        """Make the mapping follow the BAR: unmapped, mapped, or mapped elsewhere."""
+        """Make the mapping follow the BAR: unmapped, mapped, mapped elsewhere, or refused."""
         wanted = bar.address if self._decodes(bar) and bar.address else None
-        if wanted == bar.mapped_at:
+        if wanted == bar.mapped_at or (wanted is not None and wanted == bar.refused_at):
             return
-        self._unmap(bar)
-        if wanted is not None:
-            try:
-                self._map(bar)
-            except ConfigurationError as error:  # e.g. a guest put it over RAM or another BAR
-                self._unmap(bar)
-                print(
-                    f"pyvmm: warning: {self.device.name} BAR{bar.index}: {error}", file=sys.stderr
-                )
-
-    def _map(self, bar: Bar) -> None:
-        bar.mapped_at = bar.address
-        name = f"{self.device.name} {'ROM' if bar.index == 6 else f'BAR{bar.index}'}"
-        fd, region = self.device.fd, bar.region
-        if bar.is_io:
-            self.pio.add_fd(bar.address, bar.size, fd, region.offset, name)
-            bar.ranges.append((self.pio, bar.address))
+        self.mapper.unmap(bar)
+        bar.refused_at = None
+        if wanted is None:
             return
-        for kind, start, length in self._segments(bar):
-            base = bar.address + start
-            if kind == "mmap":
-                mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, offset=region.offset + start)
-                buffer = ffi.from_buffer(mapping)
-                slot = self.memory_slots.allocate()
-                bar.slots.append((slot, base, mapping, buffer))
-                host = int(ffi.cast("uintptr_t", buffer))
-                self.vm.set_user_memory_region(slot, base, length, host)
-            elif kind == "msix":
-                self._map_msix_window(bar, base, start, length)
-            else:
-                self.mmio.add_fd(base, length, fd, region.offset + start, name)
-                bar.ranges.append((self.mmio, base))
-
-    def _segments(self, bar: Bar) -> list[tuple[str, int, int]]:
-        """Split a memory BAR into runs of pages: mmap'd, MSI-X table window, or trapped.
-
-        The table's pages are the table window; the PBA's pages are trapped (forwarded to
-        the device) even where VFIO would let them be mapped, so that every MSI-X access
-        is seen by the VMM, as QEMU does it.
-        """
-        table = pba = None
-        msix = self.msix
-        if msix is not None and msix.table_bar == bar.index:
-            table = (msix.table_offset, msix.table_offset + msix.table_size)
-        if msix is not None and msix.pba_bar == bar.index:
-            pba = (msix.pba_offset, msix.pba_offset + (msix.entries + 63) // 64 * 8)
-        areas = bar.region.mmap_areas if self.mmap_bars and bar.region.can_mmap else ()
-        kinds = []
-        for start in range(0, bar.size, PAGE_SIZE):
-            end = min(start + PAGE_SIZE, bar.size)
-            if table and start < table[1] and table[0] < end:
-                kinds.append("msix")
-            elif pba and start < pba[1] and pba[0] < end:
-                kinds.append("trap")
-            elif end - start == PAGE_SIZE and any(a <= start and end <= a + s for a, s in areas):
-                kinds.append("mmap")
-            else:
-                kinds.append("trap")
-        runs: list[tuple[str, int, int]] = []
-        for page, kind in enumerate(kinds):
-            start = page * PAGE_SIZE
-            length = min(PAGE_SIZE, bar.size - start)
-            if runs and runs[-1][0] == kind:
-                runs[-1] = (kind, runs[-1][1], runs[-1][2] + length)
-            else:
-                runs.append((kind, start, length))
-        return runs
-
-    def _map_msix_window(self, bar: Bar, base: int, start: int, length: int) -> None:
-        msix = self.msix
-        window = ffi.new(
-            "struct pyvmm_msix_window *",
-            {
-                "table_offset": msix.table_offset - start,
-                "table_size": msix.table_size,
-                "table": ffi.from_buffer(msix.table),
-            },
-        )
-        self.msix_window = (bar, start)
-        handler = NativeHandler(
-            lib.PYVMM_HANDLER_MSIX,
-            fd=self.device.fd,
-            fd_offset=bar.region.offset + start,
-            device=window,
-            keep=(window, msix.table),
-            python=self._msix_table_written,
-        )
-        self.mmio.add(base, length, handler, f"{self.device.name} MSI-X table")
-        bar.ranges.append((self.mmio, base))
-
-    def _unmap(self, bar: Bar) -> None:
-        for slot, base, mapping, buffer in bar.slots:
-            self.vm.set_user_memory_region(slot, base, 0, 0)
-            self.memory_slots.release(slot)
-            ffi.release(buffer)
-            mapping.close()
-        for bus, base in bar.ranges:
-            bus.remove(base)
-        bar.slots, bar.ranges, bar.mapped_at = [], [], None
+        try:
+            self.mapper.map(bar, self.msix, self._msix_table_written)
+        except BarRefusedError as error:  # e.g. a guest put it over RAM or another BAR
+            bar.refused_at = wanted
+            self.warn(
+                f"{bar.name} at {wanted:#x} refused: {error.message}; "
+                "not decoded there until the guest moves it"
+            )
 
     # ---- interrupts ----------------------------------------------------------------------
+    # As in QEMU's vfio-pci, an enable bit the guest sets or clears (an edge) starts or stops
+    # the vectors; a set-up VFIO or KVM refuses leaves the guest's bit as it wrote it, no
+    # vector wired, INTx back on, everything allocated for it released, and a warning.
     def _enable_intx(self) -> None:
-        if self.intx is not None:
+        if self.intx is None:
+            return
+        try:
             self.intx.enable()
-            self.active_irq = INTX
+        except PyvmmError as error:
+            self.warn(f"INTx enable failed: {error.message}; no INTx reaches the guest")
+            return
+        self.active_irq = INTX
 
     def _disable_active(self) -> None:
-        if self.active_irq == INTX:
-            self.intx.disable()
-        elif self.active_irq is not None:
-            self.device.set_irqs(self.active_irq, NONE_TRIGGER, 0, 0)
-            for vector in self.vectors:
-                vector.close()
-            self.vectors = []
-        self.active_irq = None
+        active, self.active_irq = self.active_irq, None
+        vectors, self.vectors = self.vectors, []
+        try:
+            if active == INTX:
+                self.intx.disable()
+            elif active is not None:
+                self.device.set_irqs(active, NONE_TRIGGER, 0, 0)
+        finally:
+            for vector in vectors:
+                with contextlib.suppress(PyvmmError, OSError):
+                    vector.close()  # the eventfd and GSI go even where KVM refuses a step
 
     def _start_vectors(self, index: int, messages: list[tuple[int, int, bool]]) -> None:
         self._disable_active()
-        self.vectors = [MsiVector(self.vm, self.routing, a, d) for a, d, _ in messages]
-        for vector, (_, _, masked) in zip(self.vectors, messages, strict=True):
+        vectors: list[MsiVector] = []
+        try:
+            for address, data, masked in messages:
+                vectors.append(MsiVector(self.vm, self.routing, address, data))
+                vectors[-1].set_masked(masked)
+            self.device.set_irqs(
+                index, EVENTFD_TRIGGER, 0, len(vectors), [v.eventfd for v in vectors]
+            )
+        except (PyvmmError, OSError) as error:
+            for vector in vectors:
+                with contextlib.suppress(PyvmmError, OSError):
+                    vector.close()
+            kind = IRQ_NAMES[index]
+            self.warn(
+                f"{kind} enable with {len(messages)} vectors failed: {_reason(error)}; "
+                f"no {kind} interrupt reaches the guest"
+            )
+            self._enable_intx()
+            return
+        self.vectors, self.active_irq = vectors, index
+
+    def _follow(self, number: int, message: tuple[int, int, bool]) -> None:
+        """Point vector number at the guest's new message, or keep the old route and warn."""
+        address, data, masked = message
+        vector = self.vectors[number]
+        try:
+            vector.route(address, data)
             vector.set_masked(masked)
-        self.device.set_irqs(
-            index, EVENTFD_TRIGGER, 0, len(self.vectors), [v.eventfd for v in self.vectors]
-        )
-        self.active_irq = index
+        except PyvmmError as error:
+            self.warn(
+                f"{IRQ_NAMES[self.active_irq]} vector {number} to address {address:#x} data "
+                f"{data:#x}: {error.message}; it keeps its last route"
+            )
 
     def _msi_messages(self) -> list[tuple[int, int, bool]]:
         msi = self.msi
         return [(msi.address, msi.data(i), msi.masked(i)) for i in range(msi.vectors)]
 
-    def _msi_written(self) -> None:
+    def _msi_written(self, was_enabled: bool) -> None:
         msi = self.msi
-        if msi.enabled and self.active_irq != MSI:
+        if msi.enabled and not was_enabled:
             self._start_vectors(MSI, self._msi_messages())
-        elif not msi.enabled and self.active_irq == MSI:
-            self._disable_active()
-            self._enable_intx()
-        elif msi.enabled:
-            for vector, (address, data, masked) in zip(
-                self.vectors, self._msi_messages(), strict=False
-            ):
-                vector.route(address, data)
-                vector.set_masked(masked)
+        elif was_enabled and not msi.enabled:
+            if self.active_irq == MSI:
+                self._disable_active()
+                self._enable_intx()
+        elif msi.enabled and self.active_irq == MSI:
+            for number, message in enumerate(self._msi_messages()[: len(self.vectors)]):
+                self._follow(number, message)
 
-    def _msix_control_written(self) -> None:
+    def _msix_control_written(self, was_enabled: bool) -> None:
         msix = self.msix
-        if msix.enabled and self.active_irq != MSIX:
+        if msix.enabled and not was_enabled:
             self._start_vectors(MSIX, [self._msix_message(i) for i in range(msix.entries)])
-        elif not msix.enabled and self.active_irq == MSIX:
-            self._disable_active()
-            self._enable_intx()
-        elif msix.enabled:
-            for vector in range(msix.entries):
-                self._msix_entry_changed(vector)
+        elif was_enabled and not msix.enabled:
+            if self.active_irq == MSIX:
+                self._disable_active()
+                self._enable_intx()
+        elif msix.enabled and self.active_irq == MSIX:
+            for number in range(len(self.vectors)):
+                self._follow(number, self._msix_message(number))
 
     def _msix_message(self, vector: int) -> tuple[int, int, bool]:
         address, data, masked = self.msix.entry(vector)
         return address, data, masked or self.msix.function_masked
 
-    def _msix_entry_changed(self, vector: int) -> None:
-        address, data, masked = self._msix_message(vector)
-        self.vectors[vector].route(address, data)
-        self.vectors[vector].set_masked(masked)
-
     def _msix_table_written(self, offset: int, data: Any, is_write: bool) -> None:
         # The C loop already stored the write in the table: only routes need to follow.
-        _, start = self.msix_window
-        vector = (start + offset - self.msix.table_offset) // MSIX_ENTRY_SIZE
+        window = self.mapper.msix_window
+        if window is None:
+            return
+        vector = (window[1] + offset - self.msix.table_offset) // MSIX_ENTRY_SIZE
         if self.active_irq == MSIX and 0 <= vector < len(self.vectors):
-            self._msix_entry_changed(vector)
+            self._follow(vector, self._msix_message(vector))
+
+    # ---- warnings ------------------------------------------------------------------------
+    def warn(self, message: str) -> None:
+        """Record a one-line warning about this device for the end of the run."""
+        line = f"{self.device.name}: {message}"
+        if line in self.warnings:
+            return
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(line)
+        else:
+            self.warnings_dropped += 1
+
+    def warning_lines(self) -> list[str]:
+        """The warnings to print, one line each; past MAX_WARNINGS, a count of the rest."""
+        lines = list(self.warnings)
+        if self.warnings_dropped:
+            lines.append(f"{self.device.name}: {self.warnings_dropped} more warnings like these")
+        return lines
 
     # ---- teardown ------------------------------------------------------------------------
     def close(self) -> None:
@@ -483,8 +466,12 @@ class VfioPciDevice:
             self.intx.close()
         for bar in [*self.bars.values(), *([self.rom] if self.rom else [])]:
             with contextlib.suppress(PyvmmError, OSError):
-                self._unmap(bar)
+                self.mapper.unmap(bar)
         if self.flags & lib.VFIO_DEVICE_FLAGS_RESET:
             with contextlib.suppress(PyvmmError):
                 self.device.reset()
         self.device.close()
+
+
+def _reason(error: BaseException) -> str:
+    return error.message if isinstance(error, PyvmmError) else str(error)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 MSI_CONTROL_ENABLE = 0x1
+MSI_CONTROL_MULTIPLE_CAPABLE = 0x0E
 MSI_CONTROL_MULTIPLE_ENABLE = 0x70
+#: 32 vectors, as a log2: Multiple Message Capable/Enable values 6 and 7 are reserved.
+MSI_MAX_LOG_VECTORS = 5
 MSI_CONTROL_64BIT = 0x80
 MSI_CONTROL_PER_VECTOR_MASK = 0x100
 MSIX_CONTROL_ENABLE = 0x8000
@@ -55,13 +58,31 @@ class MsiCapability(EmulatedRegisters):
         if self.is_64:
             writable[8:12] = b"\xff\xff\xff\xff"
         writable[self.data_offset : self.data_offset + 2] = b"\xff\xff"
+        capable = min((control & MSI_CONTROL_MULTIPLE_CAPABLE) >> 1, MSI_MAX_LOG_VECTORS)
+        #: log2 of the vectors the device can send: Multiple Message Enable never exceeds it.
+        self.log_capable = capable
         if self.maskable:
-            writable[self.mask_offset : self.mask_offset + 4] = b"\xff\xff\xff\xff"
+            # Mask bits past the vectors the device has are reserved (QEMU's msi_init too).
+            mask_bits = (1 << (1 << capable)) - 1
+            writable[self.mask_offset : self.mask_offset + 4] = mask_bits.to_bytes(4, "little")
         # The guest starts from reset values: disabled, no message, every vector unmasked.
         initial = bytes(initial[:4]) + bytes(size - 4)
         super().__init__(initial, writable)
         self.bytes[2] &= ~(MSI_CONTROL_ENABLE | MSI_CONTROL_MULTIPLE_ENABLE) & 0xFF
         self.size = size
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Write, keeping read-only bits; Multiple Message Enable is clamped to Capable.
+
+        A guest may ask for more vectors than the device has (or a reserved count): real
+        functions and QEMU's msi_write_config then enable as many as it has.
+        """
+        super().write(offset, size, value)
+        enabled = (self.bytes[2] & MSI_CONTROL_MULTIPLE_ENABLE) >> 4
+        if enabled > self.log_capable:
+            self.bytes[2] = (self.bytes[2] & ~MSI_CONTROL_MULTIPLE_ENABLE & 0xFF) | (
+                self.log_capable << 4
+            )
 
     @property
     def enabled(self) -> bool:
