@@ -430,3 +430,46 @@ def test_a_flood_of_refusals_is_a_bounded_list_of_lines(assigned) -> None:
         device.config_write(0x10, 4, 0x20_0000 + page * 0x1000)
     lines = device.warning_lines()
     assert len(lines) == 17 and lines[-1].endswith("24 more warnings like these"), lines[-1]
+
+
+class ScratchConfig:
+    """A function whose 4 KiB of configuration space keep whatever is written: no rules."""
+
+    def __init__(self) -> None:
+        self.space = bytearray(pci.ECAM_FUNCTION_SIZE)
+        struct.pack_into("<HH", self.space, 0, 0x1B36, 0x00FF)
+        self.writes = 0
+
+    def config_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.space[offset : offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        self.writes += 1
+        self.space[offset : offset + size] = value.to_bytes(size, "little")
+
+
+def test_cfg_fuzz_guest_writes_every_register_and_ends_with_its_status(
+    kvm_required, tmp_path
+) -> None:
+    from tests.test_rig_config_fuzz import FUZZ_DONE_STATUS, fuzz_image
+
+    function = ScratchConfig()
+    with Machine(memory="16M", serial="capture") as machine:
+        machine.load(fuzz_image(7, tmp_path))
+        machine.add_pci_function(function)
+        result = machine.run(timeout=120)
+    assert result.exit_status == FUZZ_DONE_STATUS, result.serial_text + result.message
+    assert "cfg_fuzz: dev 00:01.0 00ff1b36, seed 7" in result.serial_text
+    counts = result.serial_text.rsplit("seed 7: ", 1)[1]
+    writes = int(counts.split()[0])
+    assert writes == function.writes > 2 * 0x100 // 4, counts
+
+
+def test_nothing_decodes_in_d3hot_where_vfio_revokes_the_bars(assigned) -> None:
+    device, _, pio, mmio = assigned
+    device.config_write(pci.COMMAND, 2, pci.COMMAND_IO | pci.COMMAND_MEMORY)
+    assert mmio.find(0xC000_0000) is not None and pio.find(0xC000) is not None
+    device.config_write(0x44, 2, 3)  # PM control: D3hot
+    assert mmio.find(0xC000_0000) is None and pio.find(0xC000) is None
+    device.config_write(0x44, 1, 0)  # D0 again
+    assert mmio.find(0xC000_0000).name.endswith("BAR0")

@@ -45,6 +45,7 @@ INTX, MSI, MSIX = (
     lib.VFIO_PCI_MSI_IRQ_INDEX,
     lib.VFIO_PCI_MSIX_IRQ_INDEX,
 )
+PM_STATE_D0, PM_STATE_D3HOT = 0, 3
 IRQ_NAMES = {INTX: "INTx", MSI: "MSI", MSIX: "MSI-X"}
 EXPOSED_CAPABILITIES = {pci.CAP_POWER_MANAGEMENT, pci.CAP_MSI, pci.CAP_EXPRESS, pci.CAP_MSIX}
 #: Distinct warnings kept per device; a guest hammering bad values gets a count beyond them.
@@ -141,6 +142,9 @@ class VfioPciDevice:
         self.capabilities: list[tuple[int, int]] = []
         self.msi: MsiCapability | None = None
         self.msix: MsixCapability | None = None
+        #: Where the power management control/status register is (0: no PM capability).
+        self.power_control = 0
+        self.power_state = PM_STATE_D0
         if not self._device_read(pci.STATUS, 2) & pci.STATUS_CAPABILITIES:
             return
         offset, seen = self._device_read(pci.CAPABILITY_POINTER, 1) & 0xFC, set()
@@ -156,6 +160,8 @@ class VfioPciDevice:
                 self.msi = MsiCapability(raw)
             elif cap_id == pci.CAP_MSIX:
                 self.msix = MsixCapability(raw)
+            elif cap_id == pci.CAP_POWER_MANAGEMENT:
+                self.power_control = offset + pci.PM_CONTROL
             offset = self._device_read(offset + 1, 1) & 0xFC
 
     # ---- configuration space ------------------------------------------------------------
@@ -241,6 +247,8 @@ class VfioPciDevice:
                     shift = 8 * (offset + i - pci.COMMAND)
                     command = (command & ~(0xFF << shift)) | ((value >> 8 * i) & 0xFF) << shift
             self._command_written(command)
+        if self.power_control and offset <= self.power_control < offset + size:
+            self._power_state_written(value >> 8 * (self.power_control - offset) & 0xFF)
         for what in touched:
             if what.startswith("bar"):
                 self._bar_moved(self.bars[int(what[3:])])
@@ -305,7 +313,18 @@ class VfioPciDevice:
         bar.address = address & ~(bar.size - 1) & limit & ~(0x3 if bar.is_io else 0xF)
         return f"bar{bar.index}"
 
+    def _power_state_written(self, control: int) -> None:
+        # VFIO puts the device in the state asked for and, from D3hot on, revokes the BARs'
+        # mmaps and refuses their reads and writes: a memory slot there would make KVM_RUN
+        # fail (EFAULT). So in D3hot nothing decodes, as the PCI spec has it.
+        state = control & pci.PM_STATE_MASK
+        if state != self.power_state:
+            self.power_state = state
+            self._command_written(self.command)
+
     def _decodes(self, bar: Bar) -> bool:
+        if self.power_state >= PM_STATE_D3HOT:
+            return False
         if bar.index == 6:
             return bool(self.command & pci.COMMAND_MEMORY) and self.rom_enabled
         return bool(self.command & (pci.COMMAND_IO if bar.is_io else pci.COMMAND_MEMORY))

@@ -32,6 +32,9 @@ BAR_PREFETCHABLE = 0x8
 ROM_ENABLE = 0x1
 
 CAP_POWER_MANAGEMENT = 0x01
+#: In the power management capability: the control/status register and its power state.
+PM_CONTROL = 0x4
+PM_STATE_MASK = 0x3
 CAP_MSI = 0x05
 CAP_EXPRESS = 0x10
 CAP_MSIX = 0x11
