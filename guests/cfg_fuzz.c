@@ -24,7 +24,7 @@
 
 #define FUZZ_DONE 42
 #define NO_DEVICE 1
-#define PASSES 2               /* over 0x00-0xFF, per run */
+#define PASSES 8               /* over 0x00-0xFF, per run */
 #define EXTENDED_WRITES 32     /* random dwords in 0x100-0xFFF, per pass */
 #define IDENTITY_LIMIT 0x100000000ull
 
