@@ -14,9 +14,19 @@ invoked prior to" VFIO_GROUP_GET_DEVICE_FD, and for a device cdev "before
 VFIO_DEVICE_BIND_IOMMUFD": the open hands the driver's open_device the kvm pointer recorded
 on the file at that moment, and drivers such as Intel kvmgt and vfio-ap refuse to open (or
 misbehave) without it. The kernel does not enforce the order: a late FILE_ADD succeeds, but
-the device was already opened without kvm. pyvmm enforces it by construction: neither
-VfioGroup nor VfioDeviceCdev can open a device. Only a ``VfioRegistration`` can, and the
-only way to get one is ``KvmVfioDevice.add_file()``, which issues FILE_ADD first.
+the device was already opened without kvm. pyvmm enforces it by construction, for every
+sequence of the public calls here:
+
+- Neither VfioGroup nor VfioDeviceCdev can open a device. Only a ``VfioRegistration`` can,
+  and the only way to get one is ``KvmVfioDevice.add_file()``, which issues FILE_ADD first;
+  the KVM-VFIO device's fd and attributes are private to KvmVfioDevice.
+- A registration opens only while it is live: not closed, its KvmVfioDevice not closed, its
+  file's fd still open on the same node. One registration per file in the process.
+- Closing closes what was opened through it first: a registration its devices (then
+  FILE_DEL), a file its registration, a KvmVfioDevice its registrations. So no FILE_DEL, and
+  no release of the KVM-VFIO device, comes before the close of a device opened from a file.
+
+Calls that would break a rule raise ``VfioOrderError`` before any ioctl (docs/assign.md).
 """
 
 from __future__ import annotations
@@ -122,9 +132,11 @@ class _VfioFileHandle(FileHandle):
 
     def close(self) -> None:
         """Close the file; a registration it still has is closed first (devices, FILE_DEL)."""
-        if self._registration is not None:
-            self._registration.close()
-        super().close()
+        try:
+            if self._registration is not None:
+                self._registration.close()
+        finally:
+            super().close()
 
 
 class VfioGroup(_VfioFileHandle):
