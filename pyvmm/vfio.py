@@ -27,6 +27,8 @@ sequence of the public calls here:
   no release of the KVM-VFIO device, comes before the close of a device opened from a file.
 
 Calls that would break a rule raise ``VfioOrderError`` before any ioctl (docs/assign.md).
+The files and the registration stay in this one module on purpose: the opening ioctls are
+private to it, and reached only from ``VfioRegistration.open_device()``.
 """
 
 from __future__ import annotations
