@@ -303,7 +303,12 @@ def order_machine(path: str, kprobe: Probe, totals: Totals) -> type[RuleBasedSta
         @precondition(lambda self: self.kvm_vfios and self.files)
         @rule(k=INDEX, i=INDEX)
         def add_file_and_open(self, k: int, i: int) -> None:
-            """The usual pair, so that opens happen often among the random steps."""
+            """The usual sequence (a file and a KVM-VFIO device where none is live, FILE_ADD,
+            open), so that opens happen often among the random steps."""
+            if not any(is_live(file) for file in self.files) and len(self.files) < 5:
+                self.open_file()
+            if not any(is_live(kvm_vfio) for kvm_vfio in self.kvm_vfios):
+                self.create_kvm_vfio(k)
             self.add_file(k, i)
             if self.registrations and self.registrations[-1].live:
                 self.open_through(self.registrations[-1])
