@@ -14,16 +14,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pyvmm._native import ffi, lib
-from pyvmm.errors import KvmIoctlError, KvmUnavailableError
+from pyvmm.errors import DeviceAssignmentError, KvmIoctlError, KvmUnavailableError
 from pyvmm.ioctl import Cdata, FileHandle, ioctl_result, trace
 from pyvmm.ioctl import ioctl as _ioctl
 from pyvmm.ioctl import ioctl_value as _ioctl_value
 
-#: Names of KVM_DEV_VFIO_FILE attributes, for --trace.
-_VFIO_FILE_ATTRS = {
-    lib.KVM_DEV_VFIO_FILE_ADD: "KVM_DEV_VFIO_FILE_ADD",
-    lib.KVM_DEV_VFIO_FILE_DEL: "KVM_DEV_VFIO_FILE_DEL",
-}
 _DEVICE_TYPES = {lib.KVM_DEV_TYPE_VFIO: "KVM_DEV_TYPE_VFIO"}
 
 
@@ -267,7 +262,20 @@ class KvmDevice(FileHandle):
     """A device created with KVM_CREATE_DEVICE, programmed through device attributes."""
 
     def set_attr(self, group: int, attr: int, address: int = 0, detail: str = "") -> None:
-        """KVM_SET_DEVICE_ATTR; address points to the attribute's argument."""
+        """KVM_SET_DEVICE_ATTR; address points to the attribute's argument.
+
+        Refused for a KVM-VFIO device's KVM_DEV_VFIO_FILE group: FILE_ADD and FILE_DEL go
+        through pyvmm.vfio.KvmVfioDevice, which keeps them in the order the devices need.
+        """
+        if self.path == "kvm-vfio" and group == lib.KVM_DEV_VFIO_FILE:
+            raise DeviceAssignmentError(
+                "KVM_DEV_VFIO_FILE_ADD/_DEL are not set directly: register a VFIO file with "
+                "KvmVfioDevice.add_file() and drop it with the registration's close()"
+            )
+        self._set_attr(group, attr, address, detail)
+
+    def _set_attr(self, group: int, attr: int, address: int, detail: str = "") -> None:
+        # Unchecked: for KvmVfioDevice, the one caller allowed the VFIO file attributes.
         request = ffi.new(
             "struct kvm_device_attr *", {"group": group, "attr": attr, "addr": address}
         )
@@ -277,16 +285,6 @@ class KvmDevice(FileHandle):
             "KVM_SET_DEVICE_ATTR",
             request,
             detail or f"group={group}, attr={attr}, addr={address:#x}",
-        )
-
-    def vfio_file(self, attr: int, fd: int, path: str) -> None:
-        """KVM_DEV_VFIO_FILE_ADD or _DEL of a VFIO group or device cdev fd (KVM-VFIO device)."""
-        value = ffi.new("int32_t *", fd)
-        self.set_attr(
-            lib.KVM_DEV_VFIO_FILE,
-            attr,
-            int(ffi.cast("uintptr_t", value)),
-            f"fd {self.fd} kvm-vfio, KVM_DEV_VFIO_FILE, {_VFIO_FILE_ATTRS[attr]}, fd {fd} {path}",
         )
 
     def has_attr(self, group: int, attr: int) -> bool:

@@ -14,19 +14,32 @@ invoked prior to" VFIO_GROUP_GET_DEVICE_FD, and for a device cdev "before
 VFIO_DEVICE_BIND_IOMMUFD": the open hands the driver's open_device the kvm pointer recorded
 on the file at that moment, and drivers such as Intel kvmgt and vfio-ap refuse to open (or
 misbehave) without it. The kernel does not enforce the order: a late FILE_ADD succeeds, but
-the device was already opened without kvm. pyvmm enforces it by construction: neither
-VfioGroup nor VfioDeviceCdev can open a device. Only a ``VfioRegistration`` can, and the
-only way to get one is ``KvmVfioDevice.add_file()``, which issues FILE_ADD first.
+the device was already opened without kvm. pyvmm enforces it by construction, for every
+sequence of the public calls here:
+
+- Neither VfioGroup nor VfioDeviceCdev can open a device. Only a ``VfioRegistration`` can,
+  and the only way to get one is ``KvmVfioDevice.add_file()``, which issues FILE_ADD first;
+  the KVM-VFIO device's fd and attributes are private to KvmVfioDevice.
+- A registration opens only while it is live: not closed, its KvmVfioDevice not closed, its
+  file's fd still open on the same node. One registration per file in the process.
+- Closing closes what was opened through it first: a registration its devices (then
+  FILE_DEL), a file its registration, a KvmVfioDevice its registrations. So no FILE_DEL, and
+  no release of the KVM-VFIO device, comes before the close of a device opened from a file.
+
+Calls that would break a rule raise ``VfioOrderError`` before any ioctl (docs/assign.md).
+The files and the registration stay in this one module on purpose: the opening ioctls are
+private to it, and reached only from ``VfioRegistration.open_device()``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm._native import ffi, lib
-from pyvmm.errors import KvmIoctlError
-from pyvmm.ioctl import Cdata, FileHandle, ioctl, ioctl_value
+from pyvmm.errors import DeviceAssignmentError, KvmIoctlError
+from pyvmm.ioctl import Cdata, FileHandle, ioctl, ioctl_value, trace
 from pyvmm.kvm import KvmDevice, Vm
 
 _REGION_NAMES = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5", 6: "ROM"}
@@ -114,7 +127,21 @@ class VfioContainer(FileHandle):
         )
 
 
-class VfioGroup(FileHandle):
+class _VfioFileHandle(FileHandle):
+    """A group or device cdev file: what KVM-VFIO registers, and what devices open through."""
+
+    _registration: VfioRegistration | None = None
+
+    def close(self) -> None:
+        """Close the file; a registration it still has is closed first (devices, FILE_DEL)."""
+        try:
+            if self._registration is not None:
+                self._registration.close()
+        finally:
+            super().close()
+
+
+class VfioGroup(_VfioFileHandle):
     """/dev/vfio/N: an IOMMU group. It cannot open its devices itself: see the module doc."""
 
     def __init__(self, path: str, fd: int) -> None:
@@ -167,16 +194,18 @@ class VfioGroup(FileHandle):
             lib.VFIO_GROUP_GET_DEVICE_FD,
             "VFIO_GROUP_GET_DEVICE_FD",
             text,
-            f'"{name}"',
+            f'fd {self.fd} {self.path}, "{name}"',
             VfioIoctlError,
         )
 
 
-class VfioDeviceCdev(FileHandle):
+class VfioDeviceCdev(_VfioFileHandle):
     """/dev/vfio/devices/vfioN: a device's own VFIO file, unusable until bound to iommufd."""
 
     def __init__(self, path: str, fd: int) -> None:
         super().__init__(fd, path)
+        #: Bound to iommufd (the device is open) until the file is released; never twice.
+        self._bound = False
 
     def _bind_iommufd(self, iommufd_fd: int) -> int:
         # Private on purpose: reached only through VfioRegistration.open_device().
@@ -186,7 +215,9 @@ class VfioDeviceCdev(FileHandle):
             lib.VFIO_DEVICE_BIND_IOMMUFD,
             "VFIO_DEVICE_BIND_IOMMUFD",
             request,
-            lambda: f"iommufd={iommufd_fd}, out devid={request.out_devid}",
+            lambda: (
+                f"fd {self.fd} {self.path}, iommufd={iommufd_fd}, out devid={request.out_devid}"
+            ),
             VfioIoctlError,
         )
         return request.out_devid
@@ -252,17 +283,37 @@ class IrqInfo:
 class VfioDevice(FileHandle):
     """An opened VFIO device: the fd from VFIO_GROUP_GET_DEVICE_FD, or a bound cdev's fd."""
 
-    def __init__(self, fd: int, name: str, path: str, owns_fd: bool = True) -> None:
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        path: str,
+        owns_fd: bool = True,
+        on_close: Callable[[VfioDevice], None] | None = None,
+    ) -> None:
         super().__init__(fd, path)
         self.name = name
         self.owns_fd = owns_fd
         self.regions: dict[int, RegionInfo] = {}
+        self._on_close = on_close
 
     def close(self) -> None:
-        """Close the device fd (on the cdev path the cdev owns it and closes it later)."""
+        """Close the device; closing twice is harmless.
+
+        On the group path this closes the device fd, which releases the device. On the cdev
+        path the cdev owns the fd: pyvmm stops using it here, and the kernel releases the
+        device when the cdev file goes (after its FILE_DEL, since KVM-VFIO holds the file).
+        """
+        if self.fd < 0:
+            return
         if self.owns_fd:
             super().close()
-        self.fd = -1
+        else:
+            trace(f"close(device {self.name}, fd {self.fd} {self.path}: released with the cdev)")
+            self.fd = -1
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self)
 
     def get_info(self) -> tuple[int, int, int]:
         """VFIO_DEVICE_GET_INFO: (flags, num_regions, num_irqs)."""
@@ -382,61 +433,201 @@ class VfioDevice(FileHandle):
 
 VfioFile = VfioGroup | VfioDeviceCdev
 
+
+class VfioOrderError(DeviceAssignmentError):
+    """A VFIO call refused before any ioctl: it would break the order rule (module doc)."""
+
+
 #: Held by this module alone, so VfioRegistration cannot be made outside add_file().
 _REGISTRATION_KEY = object()
 
+#: Every live registration in the process, by its file's device number (st_rdev). The kernel
+#: keeps one kvm per VFIO file, so a second FILE_ADD of the same file (a dup of its fd, from
+#: any VM) would replace it, and that one's FILE_DEL would clear it under the first.
+#: A group node opens exclusively, so its number names one file; a device cdev may be open
+#: more than once, but only one of its files can bind, so one registration each is no loss.
+_live_registrations: dict[int, VfioRegistration] = {}
+
+_FILE_ATTR_NAMES = {
+    lib.KVM_DEV_VFIO_FILE_ADD: "KVM_DEV_VFIO_FILE_ADD",
+    lib.KVM_DEV_VFIO_FILE_DEL: "KVM_DEV_VFIO_FILE_DEL",
+}
+
+
+def _file_number(file: VfioFile) -> int:
+    """The device number of the node file.fd refers to; refused when the fd is closed."""
+    if file.fd < 0:
+        raise VfioOrderError(f"{file.path} is closed: open it again")
+    try:
+        return os.fstat(file.fd).st_rdev
+    except OSError:
+        raise VfioOrderError(
+            f"fd {file.fd} of {file.path} is no longer open (closed behind pyvmm's back): "
+            "open the file again"
+        ) from None
+
 
 class VfioRegistration:
-    """Proof that a VFIO file is registered with the VM's KVM-VFIO device; opens its devices.
+    """Proof that a VFIO file is registered with a live KVM-VFIO device; opens its devices.
 
     Why this class exists: Documentation/virt/kvm/devices/vfio.rst asks for
     KVM_DEV_VFIO_FILE_ADD "prior to" VFIO_GROUP_GET_DEVICE_FD and before
     VFIO_DEVICE_BIND_IOMMUFD, because the open hands the driver's open_device the kvm pointer
     the file holds at that moment (kvmgt and vfio-ap need it); the kernel accepts the wrong
     order silently. So the opening ioctls live here, and a registration is obtained only from
-    ``KvmVfioDevice.add_file()``, after KVM_DEV_VFIO_FILE_ADD succeeded: no sequence of public
-    calls opens an unregistered device. ``close()`` issues KVM_DEV_VFIO_FILE_DEL, after the
-    devices opened through it are closed.
+    ``KvmVfioDevice.add_file()``, after KVM_DEV_VFIO_FILE_ADD succeeded.
+
+    ``open_device()`` works only while the registration is live: not closed, its KVM-VFIO
+    device not closed, its file's fd still open on the same node. ``close()`` closes every
+    device opened through it first, then issues KVM_DEV_VFIO_FILE_DEL: a file never loses its
+    kvm while a device opened from it is open.
     """
 
-    def __init__(self, key: object, owner: KvmVfioDevice, file: VfioFile) -> None:
+    def __init__(self, key: object, owner: KvmVfioDevice, file: VfioFile, number: int) -> None:
         if key is not _REGISTRATION_KEY:
             raise TypeError("a VfioRegistration comes from KvmVfioDevice.add_file() only")
         self.owner = owner
-        self.file: VfioFile | None = file
+        self.file = file
+        self._number = number
+        self._devices: list[VfioDevice] = []
+        self.live = True
+
+    @property
+    def devices(self) -> tuple[VfioDevice, ...]:
+        """The devices opened through this registration and not closed yet."""
+        return tuple(self._devices)
 
     def open_device(self, name: str, iommufd_fd: int = -1) -> VfioDevice:
-        """Open the device: VFIO_GROUP_GET_DEVICE_FD(name), or VFIO_DEVICE_BIND_IOMMUFD."""
+        """Open the device: VFIO_GROUP_GET_DEVICE_FD(name), or VFIO_DEVICE_BIND_IOMMUFD.
+
+        Refused (VfioOrderError, no ioctl) when the registration is not live, when the group's
+        device name is already open through it, or when the cdev was bound before.
+        """
         file = self.file
-        if file is None:
-            raise ValueError("this VFIO file is no longer registered with KVM")
+        if not self.live:
+            raise VfioOrderError(
+                f"{file.path} is no longer registered with KVM (its registration or its "
+                "KVM-VFIO device was closed): register it again with add_file()"
+            )
+        if not self._file_still_open():
+            raise VfioOrderError(
+                f"fd {file.fd} no longer refers to {file.path} (closed behind pyvmm's back): "
+                "open the file again and register it"
+            )
         if isinstance(file, VfioGroup):
-            return VfioDevice(file._get_device_fd(name), name, f"device {name}")
-        file._bind_iommufd(iommufd_fd)
-        # On the cdev path the bound cdev fd is the device fd; the cdev keeps owning it.
-        return VfioDevice(file.fd, name, file.path, owns_fd=False)
+            if any(device.name == name for device in self._devices):
+                raise VfioOrderError(
+                    f"{name} is already open through {file.path}: use that VfioDevice, or "
+                    "close it first"
+                )
+            device = VfioDevice(
+                file._get_device_fd(name), name, f"device {name}", on_close=self._closed
+            )
+        else:
+            if file._bound:
+                raise VfioOrderError(
+                    f"{file.path} was bound already (a cdev file binds once): close it and "
+                    "open the cdev again"
+                )
+            file._bind_iommufd(iommufd_fd)
+            file._bound = True
+            # On the cdev path the bound cdev fd is the device fd; the cdev keeps owning it.
+            device = VfioDevice(file.fd, name, file.path, owns_fd=False, on_close=self._closed)
+        self._devices.append(device)
+        return device
+
+    def _closed(self, device: VfioDevice) -> None:
+        self._devices.remove(device)
+
+    def _file_still_open(self) -> bool:
+        try:
+            return _file_number(self.file) == self._number
+        except VfioOrderError:
+            return False  # no fd to name it by: the kernel drops it when KVM-VFIO closes
 
     def close(self) -> None:
-        """KVM_DEV_VFIO_FILE_DEL; the file itself stays open for its owner to close."""
-        if self.file is not None and self.file.fd >= 0:
-            self.owner.device.vfio_file(lib.KVM_DEV_VFIO_FILE_DEL, self.file.fd, self.file.path)
-        self.file = None
+        """Close the devices opened through it, then KVM_DEV_VFIO_FILE_DEL; the file stays
+        open for its owner to close. Closing twice is harmless."""
+        if not self.live:
+            return
+        try:
+            while self._devices:
+                self._devices[-1].close()
+            if self._file_still_open():
+                self.owner._set_file(lib.KVM_DEV_VFIO_FILE_DEL, self.file)
+        finally:
+            self.live = False
+            _live_registrations.pop(self._number, None)
+            self.owner._registrations.remove(self)
+            self.file._registration = None
 
 
 class KvmVfioDevice:
     """The VM's one KVM-VFIO pseudo device: the registry of the VFIO files the VM uses.
 
-    Keep it open for the VM's life: closing it drops every registration.
+    Its fd and attributes are private: FILE_ADD happens only in ``add_file()``, FILE_DEL only
+    in ``VfioRegistration.close()``. Keep it open for the VM's life: ``close()`` closes every
+    registration first (each one's devices, then its FILE_DEL), then the device.
     """
 
     def __init__(self, vm: Vm) -> None:
-        self.device: KvmDevice = vm.create_device(lib.KVM_DEV_TYPE_VFIO)
+        self._device: KvmDevice = vm.create_device(lib.KVM_DEV_TYPE_VFIO)
+        self._registrations: list[VfioRegistration] = []
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() ran: no file can be registered with it any more."""
+        return self._device.fd < 0
+
+    @property
+    def registrations(self) -> tuple[VfioRegistration, ...]:
+        """The live registrations made through this device."""
+        return tuple(self._registrations)
 
     def add_file(self, file: VfioFile) -> VfioRegistration:
-        """KVM_DEV_VFIO_FILE_ADD of a group or device cdev fd; returns what opens its devices."""
-        self.device.vfio_file(lib.KVM_DEV_VFIO_FILE_ADD, file.fd, file.path)
-        return VfioRegistration(_REGISTRATION_KEY, self, file)
+        """KVM_DEV_VFIO_FILE_ADD of a group or device cdev fd; returns what opens its devices.
+
+        Refused (VfioOrderError, no ioctl) when this device is closed, the file is closed, or
+        the file is registered already (with this or any other KVM-VFIO device).
+        """
+        if self.closed:
+            raise VfioOrderError(
+                f"cannot register {file.path}: this KVM-VFIO device is closed; create a new "
+                "KvmVfioDevice for the VM"
+            )
+        number = _file_number(file)
+        held = _live_registrations.get(number)
+        if held is not None:
+            whose = "this" if held.owner is self else "another"
+            raise VfioOrderError(
+                f"{file.path} is already registered with {whose} KVM-VFIO device: open its "
+                "devices through that registration, or close it first"
+            )
+        self._set_file(lib.KVM_DEV_VFIO_FILE_ADD, file)
+        registration = VfioRegistration(_REGISTRATION_KEY, self, file, number)
+        self._registrations.append(registration)
+        _live_registrations[number] = registration
+        file._registration = registration
+        return registration
+
+    def _set_file(self, attr: int, file: VfioFile) -> None:
+        value = ffi.new("int32_t *", file.fd)
+        self._device._set_attr(
+            lib.KVM_DEV_VFIO_FILE,
+            attr,
+            int(ffi.cast("uintptr_t", value)),
+            f"fd {self._device.fd} kvm-vfio, KVM_DEV_VFIO_FILE, {_FILE_ATTR_NAMES[attr]}, "
+            f"fd {file.fd} {file.path}",
+        )
 
     def close(self) -> None:
-        """Close the KVM-VFIO device (dropping any registration still left)."""
-        self.device.close()
+        """Close every registration (its devices, then FILE_DEL), then the KVM-VFIO device."""
+        failure: BaseException | None = None
+        while self._registrations:
+            try:
+                self._registrations[-1].close()
+            except BaseException as error:  # close the rest, and the device, all the same
+                failure = failure or error
+        self._device.close()
+        if failure is not None:
+            raise failure
