@@ -12,6 +12,8 @@
  * - port range r (0..3) at 0x700 + r * 0x10, 0x10 ports: inl at offset o (0, 4, 8, 12) reads
  *   0xB0000000 | r << 16 | o, or all ones.
  * Any other value: prints it and guest_exit(1) (MMIO) or guest_exit(2) (port).
+ * Once told to stop, every range must be back: a last read of each must be served (not all
+ * ones), or guest_exit(3) (MMIO) or guest_exit(4) (port): a vCPU left on a stale table.
  */
 #include "runtime.h"
 
@@ -62,6 +64,17 @@ int guest_main(unsigned cpu, unsigned ncpus)
 			else
 				wrong(cpu, "port", port, value, want, 2);
 		}
+	}
+	for (i = 0; i < RANGES; i++) {
+		unsigned long address = MMIO_RANGES + i * 0x1000;
+		u16 port = PORT_RANGES + i * 0x10;
+		u32 value = mmio_read32(address);
+
+		if (value != (0xA0000000u | i << 16))
+			wrong(cpu, "last mmio", address, value, 0xA0000000u | i << 16, 3);
+		value = inl(port);
+		if (value != (0xB0000000u | i << 16))
+			wrong(cpu, "last port", port, value, 0xB0000000u | i << 16, 4);
 	}
 	mmio_write64(CONTROL + 0x100 + 32 * cpu, mmio_served);
 	mmio_write64(CONTROL + 0x108 + 32 * cpu, mmio_ones);
