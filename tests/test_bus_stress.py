@@ -1,7 +1,8 @@
 """Bus tables swapped under running vCPUs, and forwarded ranges clipped at their end (real KVM).
 
 The stress test moves ranges (remove, then add again: what a guest moving a BAR makes pyvmm
-do) from host threads while 4 vCPUs hammer them (guests/bus_stress.c): every access must be
+do) from host threads, and each vCPU moves the BAR of a PCI function of its own through
+ECAM, while 4 vCPUs hammer them (guests/bus_stress.c): every access must be
 served by the range it addressed or read all ones while that range is gone, the hit counts
 must add up to what the guest counted, and the retired tables alive stay at most one per vCPU.
 """
@@ -18,6 +19,7 @@ import numpy as np
 from pyvmm import Machine, guest_path
 from pyvmm._native import ffi, lib
 from pyvmm.bus import Bus, NativeHandler
+from pyvmm.pci.config import BAR0, COMMAND_MEMORY
 
 CPUS = 4
 RANGES = 4
@@ -35,9 +37,7 @@ SHIFTER = {"mmio": 0xD000_F000, "pio": 0x6F0}
 def mmio_contents(index: int) -> np.ndarray:
     """The bytes of MMIO range index: dword at offset o is 0xA0000000 | index << 16 | o."""
     offsets = np.arange(0, 0x100, 4, dtype=np.uint32)
-    return (np.uint32(0xA000_0000) | np.uint32(index << 16) | offsets).astype("<u4").view(
-        np.uint8
-    )
+    return (np.uint32(0xA000_0000) | np.uint32(index << 16) | offsets).astype("<u4").view(np.uint8)
 
 
 def port_handler(index: int):
@@ -64,10 +64,50 @@ def add_port_range(bus: Bus, index: int) -> None:
     bus.add(PORT_BASE + index * 0x10, 0x10, port_handler(index), f"moved-port-{index}")
 
 
+class MovableFunction:
+    """An emulated PCI function with one 4 KiB memory BAR0, which moves where the guest writes
+    it (guests/bus_stress.c): its dword at offset o reads 0xC0000000 | owner << 16 | o."""
+
+    def __init__(self, owner: int, mmio: Bus, base: int) -> None:
+        self.owner = owner
+        self.mmio = mmio
+        self.base = base
+        offsets = np.arange(0, 0x1000, 4, dtype=np.uint32)
+        self.contents = (
+            (np.uint32(0xC000_0000) | np.uint32(owner << 16) | offsets).astype("<u4").view(np.uint8)
+        )
+        self._claim()
+
+    def _claim(self) -> None:
+        handler = NativeHandler(
+            lib.PYVMM_HANDLER_BUFFER, device=ffi.from_buffer(self.contents), keep=self.contents
+        )
+        self.mmio.add(self.base, 0x1000, handler, f"bar0 of function {self.owner + 1}")
+
+    def config_read(self, offset: int, size: int) -> int:
+        space = bytearray(0x100)
+        struct.pack_into("<HHH", space, 0, 0x1234, 0xBA50 + self.owner, COMMAND_MEMORY)
+        struct.pack_into("<I", space, BAR0, self.base)
+        return int.from_bytes(space[offset : offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        if offset == BAR0 and size == 4 and value & ~0xFFF != self.base:
+            self.mmio.remove(self.base)
+            self.base = value & ~0xFFF
+            self._claim()
+
+
 def test_ranges_moved_under_four_vcpus_are_served_exactly(kvm_required) -> None:
     with Machine(memory="16M", cpus=CPUS, serial="capture") as machine:
         machine.load(guest_path("bus_stress"))
         control = machine.mmio_buffer(CONTROL, 0x1000, "control")
+        for cpu in range(CPUS):
+            assert (
+                machine.add_pci_function(
+                    MovableFunction(cpu, machine.mmio, 0xD010_0000 + cpu * 0x2000)
+                )
+                == cpu + 1
+            )
         for index in range(RANGES):
             add_mmio_range(machine.mmio, index)
             add_port_range(machine.pio, index)
@@ -123,8 +163,10 @@ def test_ranges_moved_under_four_vcpus_are_served_exactly(kvm_required) -> None:
                 thread.join()
         assert not errors, errors
         assert result.exit_status == 0, (result.message, result.serial_text)
-        counts = control[0x100 : 0x100 + 32 * CPUS].view("<u8").reshape(CPUS, 4)
-        mmio_served, mmio_ones, port_served, port_ones = (int(c) for c in counts.sum(axis=0))
+        counts = control[0x100 : 0x100 + 64 * CPUS].view("<u8").reshape(CPUS, 8)
+        mmio_served, mmio_ones, port_served, port_ones, bar_moves = (
+            int(c) for c in counts.sum(axis=0)[:5]
+        )
         mmio_hits = sum(
             n for (base, name), n in machine.mmio.hits().items() if name.startswith("moved")
         )
@@ -132,17 +174,20 @@ def test_ranges_moved_under_four_vcpus_are_served_exactly(kvm_required) -> None:
             n for (base, name), n in machine.pio.hits().items() if name.startswith("moved")
         )
         print(
-            f"\nbus stress: {CPUS} vCPUs, moves mmio {moved['mmio']} port {moved['pio']}, "
+            f"\nbus stress: {CPUS} vCPUs, host moves mmio {moved['mmio']} port {moved['pio']}, "
+            f"guest BAR moves {bar_moves}, "
             f"mmio accesses {mmio_served} served + {mmio_ones} all ones, port accesses "
             f"{port_served} served + {port_ones} all ones, most retired tables alive: "
             f"mmio {most_retired['mmio']} port {most_retired['pio']}, exits {result.exits}"
         )
         assert moved == {"mmio": MOVES_PER_BUS, "pio": MOVES_PER_BUS}
         # Every vCPU had accesses served while the ranges moved (the guest checks each value).
-        assert all(counts[cpu][0] > 0 and counts[cpu][2] > 0 for cpu in range(CPUS)), counts
+        assert all(all(counts[cpu][[0, 2, 4]] > 0) for cpu in range(CPUS)), counts
         # Exact counts across thousands of swaps: the guest's, plus its last read of each range.
         last_reads = CPUS * RANGES
         assert (mmio_hits, port_hits) == (mmio_served + last_reads, port_served + last_reads)
+        bar_hits = sum(n for (_, name), n in machine.mmio.hits().items() if name.startswith("bar0"))
+        assert bar_hits == bar_moves  # one read at the new place per move; the old is unclaimed
         assert max(most_retired.values()) <= CPUS
         assert machine.mmio.retired_tables() == machine.pio.retired_tables() == 0
 
