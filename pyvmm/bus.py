@@ -4,12 +4,13 @@ A bus is a set of non-overlapping ranges, each served either natively by the C r
 debug exit, power-off, forwarding to a file descriptor) or by a Python callable. Ranges are
 registered while the machine is built; ``compile()`` then lays them out as the sorted C array
 that the run loop searches on every exit. A range added or removed while vCPUs run (a guest
-moving a BAR) gives a new table, which every watching vCPU loop is pointed at in one store;
-old tables stay alive until the bus goes, since a vCPU may still be searching one.
+moving a BAR) gives a new table, which every attached vCPU loop is pointed at in one store;
+an old table stays alive while a vCPU may still be searching it (see Bus).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,22 +53,53 @@ class BusRange:
         return self.base + self.length
 
 
+@dataclass
+class _Table:
+    """One compiled table: the C structs and the ranges (with their Python handlers) by index."""
+
+    bus: Any  #: struct pyvmm_bus *
+    entries: Any  #: struct pyvmm_range[], owned here
+    ranges: list[BusRange]
+    python: list[PythonHandler | None]
+
+    @property
+    def address(self) -> int:
+        """The struct pyvmm_bus * as an int: how the C loop names this table (access_bus)."""
+        return int(ffi.cast("uintptr_t", self.bus))
+
+    def hits(self) -> dict[tuple[int, str], int]:
+        """Accesses this table has served, per (base, name) of its ranges."""
+        return {
+            (claimed.base, claimed.name): self.entries[index].hits
+            for index, claimed in enumerate(self.ranges)
+        }
+
+
 class Bus:
-    """A port I/O or MMIO address space: registration with overlap checks, then a C table."""
+    """A port I/O or MMIO address space: registration with overlap checks, then a C table.
+
+    Changes may come from any thread while vCPUs run: every change and every compile happens
+    under one lock, so the attached loops always end on the newest table. A replaced table is
+    retired and freed once no loop pins it (struct pyvmm_vcpu_loop's *_in_use hazard
+    pointers): each loop pins at most one table per bus, so a bus never holds more than one
+    retired table per attached loop.
+    """
 
     def __init__(self, name: str, size: int) -> None:
         self.name = name
         self.size = size
         self.ranges: list[BusRange] = []
-        self._table: Any = None
-        self._bus: Any = None
-        self._retired: list[Any] = []
-        #: Per compiled table (its struct pyvmm_bus * as an int): the Python handlers and the
-        #: ranges by index, so an access is served by the table that found it.
+        self._lock = threading.RLock()
+        self._current: _Table | None = None
+        self._retired: list[_Table] = []
+        #: Per live table (its struct pyvmm_bus * as an int): the Python handlers and the
+        #: ranges by index, so an access is served by the table that found it. An entry
+        #: stays while a loop pins its table, so a Python-handled access always resolves.
         self.tables: dict[int, tuple[list[PythonHandler | None], list[BusRange]]] = {}
+        #: Hits of the tables already freed, per (base, name).
         self._counts: dict[tuple[int, str], int] = {}
-        #: Callbacks run with the new struct pyvmm_bus * whenever the table is rebuilt.
-        self.watchers: list[Callable[[Any], None]] = []
+        #: The loops following this bus: (struct pyvmm_vcpu_loop *, is_mmio).
+        self._loops: list[tuple[Any, bool]] = []
 
     def add(
         self, base: int, length: int, handler: NativeHandler | PythonHandler, name: str = ""
@@ -79,48 +111,78 @@ class Bus:
                 f"{self.name} range {name} [{base:#x}, {base + length:#x}) is outside the bus"
             )
         new = BusRange(base, length, name, handler)
-        for other in self.ranges:
-            if new.base < other.end and other.base < new.end:
-                raise ConfigurationError(
-                    f"{self.name} range {name} [{new.base:#x}, {new.end:#x}) overlaps "
-                    f"{other.name} [{other.base:#x}, {other.end:#x}): move one of them"
-                )
-        self.ranges.append(new)
-        self.ranges.sort(key=lambda r: r.base)
-        self._changed()
+        with self._lock:
+            for other in self.ranges:
+                if new.base < other.end and other.base < new.end:
+                    raise ConfigurationError(
+                        f"{self.name} range {name} [{new.base:#x}, {new.end:#x}) overlaps "
+                        f"{other.name} [{other.base:#x}, {other.end:#x}): move one of them"
+                    )
+            self.ranges = sorted([*self.ranges, new], key=lambda r: r.base)
+            self._changed()
 
     def remove(self, base: int) -> None:
         """Release the range that starts at base."""
-        claimed = [r for r in self.ranges if r.base == base]
-        if not claimed:
-            raise ConfigurationError(f"{self.name}: no range starts at {base:#x}")
-        self._save_counts()
-        self.ranges.remove(claimed[0])
-        self._changed()
+        with self._lock:
+            claimed = [r for r in self.ranges if r.base == base]
+            if not claimed:
+                raise ConfigurationError(f"{self.name}: no range starts at {base:#x}")
+            self.ranges = [r for r in self.ranges if r is not claimed[0]]
+            self._changed()
+
+    def attach(self, loop: Any, is_mmio: bool) -> None:
+        """Point loop's pio or mmio table at this bus, and keep it on the newest table."""
+        with self._lock:
+            lib.pyvmm_loop_publish(loop, int(is_mmio), self.compile())
+            self._loops.append((loop, is_mmio))
+
+    def detach(self, loop: Any) -> None:
+        """Stop following changes for loop (its run is over: it reads no table any more)."""
+        with self._lock:
+            self._loops = [entry for entry in self._loops if entry[0] != loop]
+            self._reclaim()
 
     def _changed(self) -> None:
-        if self._bus is None:
+        if self._current is None:
             return
-        self._save_counts()
-        self._retired.append((self._table, self._bus))
-        self._bus = None
-        if self.watchers:
+        self._retired.append(self._current)
+        self._current = None
+        if self._loops:
             compiled = self.compile()
-            for watcher in self.watchers:
-                watcher(compiled)
+            for loop, is_mmio in self._loops:
+                lib.pyvmm_loop_publish(loop, int(is_mmio), compiled)
+        self._reclaim()
 
-    def _save_counts(self) -> None:
-        if self._table is None:
-            return
-        for entry, claimed in zip(self._table, self._compiled_ranges, strict=False):
-            key = (claimed.base, claimed.name)
-            self._counts[key] = self._counts.get(key, 0) + entry.hits
-            entry.hits = 0
+    def _reclaim(self) -> None:
+        """Free the retired tables no loop pins (read after the publish's full barrier)."""
+        pinned = {
+            int(ffi.cast("uintptr_t", loop.mmio_in_use if is_mmio else loop.pio_in_use))
+            for loop, is_mmio in self._loops
+        }
+        kept = []
+        for table in self._retired:
+            if table.address in pinned:
+                kept.append(table)
+                continue
+            for key, count in table.hits().items():
+                self._counts[key] = self._counts.get(key, 0) + count
+            del self.tables[table.address]
+        self._retired = kept
+
+    def retired_tables(self) -> int:
+        """How many replaced tables are still alive (pinned by a loop)."""
+        with self._lock:
+            return len(self._retired)
 
     def hits(self) -> dict[tuple[int, str], int]:
         """Accesses served per (base, name) of every range this bus has held, for --stats."""
-        self._save_counts()
-        return {key: count for key, count in self._counts.items() if count}
+        with self._lock:
+            counts = dict(self._counts)
+            live = [*self._retired, *([self._current] if self._current else [])]
+            for table in live:
+                for key, count in table.hits().items():
+                    counts[key] = counts.get(key, 0) + count
+        return {key: count for key, count in counts.items() if count}
 
     def add_fd(self, base: int, length: int, fd: int, fd_offset: int = 0, name: str = "") -> None:
         """Forward accesses to fd with pread/pwrite at fd_offset + (address - base), natively."""
@@ -149,29 +211,33 @@ class Bus:
 
     def python_handlers(self) -> list[PythonHandler | None]:
         """Per range index of the compiled table: the Python handler (None: native only)."""
-        return [
-            r.handler.python if isinstance(r.handler, NativeHandler) else r.handler
-            for r in self.ranges
-        ]
+        return _python_handlers(self.ranges)
 
     def compile(self) -> Any:
-        """Return a struct pyvmm_bus * for the run loop (valid while this Bus lives)."""
-        if self._bus is None:
-            table = ffi.new("struct pyvmm_range[]", max(1, len(self.ranges)))
-            for entry, claimed in zip(table, self.ranges, strict=False):
-                entry.base = claimed.base
-                entry.length = claimed.length
-                handler = claimed.handler
-                if isinstance(handler, NativeHandler):
-                    entry.kind = handler.kind
-                    entry.fd = handler.fd
-                    entry.fd_offset = handler.fd_offset
-                    entry.device = handler.device
-                else:
-                    entry.kind = lib.PYVMM_HANDLER_PYTHON
-            self._table = table
-            self._compiled_ranges = list(self.ranges)
-            self._bus = ffi.new("struct pyvmm_bus *", {"ranges": table, "count": len(self.ranges)})
-            address = int(ffi.cast("uintptr_t", self._bus))
-            self.tables[address] = (self.python_handlers(), self._compiled_ranges)
-        return self._bus
+        """Return the current struct pyvmm_bus * (valid while this Bus lives and no loop
+        attached to it has moved past it)."""
+        with self._lock:
+            if self._current is None:
+                ranges = list(self.ranges)  # one snapshot: the table and its index lists agree
+                entries = ffi.new("struct pyvmm_range[]", max(1, len(ranges)))
+                for entry, claimed in zip(entries[0 : len(ranges)], ranges, strict=True):
+                    entry.base = claimed.base
+                    entry.length = claimed.length
+                    handler = claimed.handler
+                    if isinstance(handler, NativeHandler):
+                        entry.kind = handler.kind
+                        entry.fd = handler.fd
+                        entry.fd_offset = handler.fd_offset
+                        entry.device = handler.device
+                    else:
+                        entry.kind = lib.PYVMM_HANDLER_PYTHON
+                python = _python_handlers(ranges)
+                bus = ffi.new("struct pyvmm_bus *", {"ranges": entries, "count": len(ranges)})
+                table = _Table(bus, entries, ranges, python)
+                self.tables[table.address] = (python, ranges)
+                self._current = table
+            return self._current.bus
+
+
+def _python_handlers(ranges: list[BusRange]) -> list[PythonHandler | None]:
+    return [r.handler.python if isinstance(r.handler, NativeHandler) else r.handler for r in ranges]

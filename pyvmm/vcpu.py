@@ -60,14 +60,16 @@ class VcpuRunner:
         loop = self.loop
         loop.vcpu_fd = vcpu.fd
         loop.run = vcpu.run
-        loop.pio = pio.compile()
-        loop.mmio = mmio.compile()
         loop.stop = stop_flag
         loop.fail_on_unclaimed = int(fail_on_unclaimed)
+        # A table's entry stays in these while this loop pins it (bus.py), so the table an
+        # access was found in still resolves when Python serves it, however the bus changed.
         self._tables = (pio.tables, mmio.tables)
         self._buses = (pio, mmio)
-        pio.watchers.append(self._pio_changed)
-        mmio.watchers.append(self._mmio_changed)
+        pio.attach(loop, is_mmio=False)
+        mmio.attach(loop, is_mmio=True)
+        #: The ranges of the table of the last Python-handled access, and its index there.
+        self._last_access: tuple[list[Any], int] | None = None
         self._loop_bytes = ffi.buffer(loop)
         # The whole kvm_run page as one memoryview: handler views are slices of it. The data
         # of an exit sits at a handful of fixed places, so the slices are made once.
@@ -106,7 +108,9 @@ class VcpuRunner:
         index, is_mmio, is_write, size, count, start, offset, bus = _ACCESS.unpack_from(
             self._loop_bytes, _ACCESS_OFFSET
         )
-        handler = self._tables[is_mmio][bus][0][index]
+        handlers, ranges = self._tables[is_mmio][bus]
+        self._last_access = (ranges, index)
+        handler = handlers[index]
         for item in range(count):
             at = start + item * size
             view = self._views.get((at, size))
@@ -114,22 +118,17 @@ class VcpuRunner:
                 view = self._views[at, size] = self._page[at : at + size]
             handler(offset, view, is_write == 1)
 
-    def _pio_changed(self, compiled: Any) -> None:
-        self.loop.pio = compiled
-
-    def _mmio_changed(self, compiled: Any) -> None:
-        self.loop.mmio = compiled
-
     def detach(self) -> None:
-        """Stop following bus changes (the run is over)."""
-        self._buses[0].watchers.remove(self._pio_changed)
-        self._buses[1].watchers.remove(self._mmio_changed)
+        """Stop following bus changes (the run is over): its tables may be freed."""
+        self._buses[0].detach(self.loop)
+        self._buses[1].detach(self.loop)
 
     def access_range_name(self) -> str:
-        """Name of the range of the last Python-handled access."""
-        loop = self.loop
-        _, ranges = self._tables[loop.access_is_mmio][loop.access_bus]
-        return ranges[loop.access_range].name
+        """Name of the range of the last Python-handled access (kept past detach())."""
+        if self._last_access is None:
+            return "?"
+        ranges, index = self._last_access
+        return ranges[index].name
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN now (the stop flag must already be set)."""

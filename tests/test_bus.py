@@ -60,8 +60,8 @@ def test_buffer_range_keeps_its_memory_and_points_the_table_at_it():
 
 
 def test_an_access_is_served_by_the_table_that_found_it():
-    """A bus that changes under running vCPUs keeps every compiled table's handlers, so an
-    index the C loop found in an old table still names the right handler."""
+    """A bus that changes under running vCPUs keeps a table a loop pins, with its handlers, so
+    an index the C loop found in an old table still names the right handler."""
     bus = Bus("MMIO", 1 << 32)
 
     def first(*_):
@@ -71,11 +71,39 @@ def test_an_access_is_served_by_the_table_that_found_it():
         pass
 
     bus.add(0x2000, 0x100, second, "second")
-    swapped = []
-    bus.watchers.append(swapped.append)
-    old = int(ffi.cast("uintptr_t", bus.compile()))
+    loop = ffi.new("struct pyvmm_vcpu_loop *")
+    bus.attach(loop, is_mmio=True)
+    old = int(ffi.cast("uintptr_t", loop.mmio))
+    loop.mmio_in_use = loop.mmio  # what the C loop does on an exit that finds a range
     bus.add(0x1000, 0x100, first, "first")  # sorts before: every index moves
-    new = int(ffi.cast("uintptr_t", swapped[-1]))
-    assert new != old
+    new = int(ffi.cast("uintptr_t", loop.mmio))
+    assert new != old and bus.retired_tables() == 1
     assert bus.tables[old][0][0] is second and bus.tables[old][1][0].name == "second"
     assert bus.tables[new][0][0] is first and bus.tables[new][0][1] is second
+    loop.mmio_in_use = loop.mmio  # the loop's next exit moves its pin: the old table goes
+    bus.remove(0x1000)
+    assert bus.retired_tables() == 1 and old not in bus.tables and new in bus.tables
+
+
+def test_retired_tables_are_freed_once_unpinned_and_their_hits_kept():
+    """Thousands of swaps keep at most one retired table per attached loop, and the hit
+    counts of every table, freed or not, add up exactly."""
+    bus = Bus("MMIO", 1 << 32)
+    bus.add(0x1000, 0x10, handler, "a")
+    loops = [ffi.new("struct pyvmm_vcpu_loop *") for _ in range(4)]
+    for loop in loops:
+        bus.attach(loop, is_mmio=True)
+    most = 0
+    for move in range(3000):
+        loop = loops[move % 4]
+        loop.mmio_in_use = loop.mmio  # this loop's exit pins the current table
+        loop.mmio.ranges[0].hits += 1  # and is counted in it
+        bus.remove(0x1000)
+        bus.add(0x1000, 0x10, handler, "a")
+        most = max(most, bus.retired_tables())
+    assert most <= len(loops)
+    assert bus.hits() == {(0x1000, "a"): 3000}
+    for loop in loops:
+        bus.detach(loop)
+    assert bus.retired_tables() == 0 and bus.hits() == {(0x1000, "a"): 3000}
+    assert len(bus.tables) == 1

@@ -48,7 +48,8 @@ struct pyvmm_range {
 
 /*
  * A bus: ranges sorted by base, never overlapping (pyvmm/bus.py checks). A bus that changes
- * while vCPUs run (a guest moving a BAR) gets a new table, swapped into each loop's pointer.
+ * while vCPUs run (a guest moving a BAR) gets a new table, swapped into each loop's pointer
+ * (pyvmm_loop_publish); the old one is freed once no loop names it in its *_in_use field.
  */
 struct pyvmm_bus {
 	struct pyvmm_range *ranges;
@@ -86,6 +87,13 @@ struct pyvmm_vcpu_loop {
 	struct kvm_run *run;
 	const struct pyvmm_bus *pio;
 	const struct pyvmm_bus *mmio;
+	/*
+	 * Hazard pointers: the table of each bus this loop may still be reading (or that a
+	 * Python-handled access it handed back indexes). Python frees a retired table only
+	 * when no loop names it here; each loop pins at most one table per bus.
+	 */
+	const struct pyvmm_bus *pio_in_use;
+	const struct pyvmm_bus *mmio_in_use;
 	volatile int *stop;
 	uint32_t fail_on_unclaimed;
 	struct pyvmm_unclaimed unclaimed_pio;
@@ -109,6 +117,12 @@ struct pyvmm_vcpu_loop {
 };
 
 int pyvmm_vcpu_run(struct pyvmm_vcpu_loop *loop);
+
+/*
+ * Point a loop's pio (is_mmio 0) or mmio table at bus, with a full barrier: a *_in_use field
+ * read after this returns either names the old table or its loop will see the new one.
+ */
+void pyvmm_loop_publish(struct pyvmm_vcpu_loop *loop, int is_mmio, const struct pyvmm_bus *bus);
 
 /*
  * Install a do-nothing handler for the signal that kicks vCPU threads out of KVM_RUN. In C,

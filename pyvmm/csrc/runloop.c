@@ -37,6 +37,33 @@ static const struct pyvmm_range *bus_find(const struct pyvmm_bus *bus, uint64_t 
 	return NULL;
 }
 
+/*
+ * The table of a bus for this exit, pinned in *in_use before use (a hazard pointer). The
+ * common case, the table this loop pinned last time, costs two loads and no store: that pin
+ * has been visible since it was validated, so Python cannot have freed it since.
+ */
+static const struct pyvmm_bus *bus_pin(const struct pyvmm_bus *const *slot,
+				       const struct pyvmm_bus **in_use)
+{
+	const struct pyvmm_bus *bus = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+	const struct pyvmm_bus *again;
+
+	while (bus != *in_use) {
+		/* Dekker with pyvmm_loop_publish: store the pin, then check it is still current. */
+		__atomic_store_n(in_use, bus, __ATOMIC_SEQ_CST);
+		again = __atomic_load_n(slot, __ATOMIC_SEQ_CST);
+		if (again == bus)
+			break;
+		bus = again;
+	}
+	return bus;
+}
+
+void pyvmm_loop_publish(struct pyvmm_vcpu_loop *loop, int is_mmio, const struct pyvmm_bus *bus)
+{
+	__atomic_store_n(is_mmio ? &loop->mmio : &loop->pio, bus, __ATOMIC_SEQ_CST);
+}
+
 static uint64_t load_le(const uint8_t *data, uint32_t size)
 {
 	uint64_t value = 0;
@@ -48,16 +75,21 @@ static uint64_t load_le(const uint8_t *data, uint32_t size)
 /* SERVED: done; TO_PYTHON: served, but Python must see it (an MSI-X table write). */
 enum { SERVED = 0, TO_PYTHON = -1 };
 
+/* An access straddling the end of the range moves only the bytes inside it; the rest reads
+ * as ones, as with PYVMM_HANDLER_BUFFER. The fd is never touched past the range. */
 static int forward(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *range,
 		   uint64_t offset, uint8_t *data, uint32_t size, int is_write)
 {
+	uint32_t inside = range->length - offset < size ? (uint32_t)(range->length - offset) : size;
 	ssize_t done;
 
-	if (is_write)
-		done = pwrite(range->fd, data, size, range->fd_offset + offset);
-	else
-		done = pread(range->fd, data, size, range->fd_offset + offset);
-	if (done == (ssize_t)size)
+	if (is_write) {
+		done = pwrite(range->fd, data, inside, range->fd_offset + offset);
+	} else {
+		memset(data + inside, 0xff, size - inside);
+		done = pread(range->fd, data, inside, range->fd_offset + offset);
+	}
+	if (done == (ssize_t)inside)
 		return SERVED;
 	loop->error = done < 0 ? errno : EIO;
 	loop->error_in_device = 1;
@@ -177,7 +209,7 @@ static int handle_io(struct pyvmm_vcpu_loop *loop)
 	int is_write = run->io.direction == KVM_EXIT_IO_OUT;
 	uint32_t index, item;
 	/* Read once: Python may swap in a new table (see struct pyvmm_bus) at any time. */
-	const struct pyvmm_bus *bus = loop->pio;
+	const struct pyvmm_bus *bus = bus_pin(&loop->pio, &loop->pio_in_use);
 	const struct pyvmm_range *range = bus_find(bus, run->io.port, &index);
 
 	if (!range)
@@ -203,7 +235,7 @@ static int handle_mmio(struct pyvmm_vcpu_loop *loop)
 {
 	struct kvm_run *run = loop->run;
 	uint32_t index;
-	const struct pyvmm_bus *bus = loop->mmio;
+	const struct pyvmm_bus *bus = bus_pin(&loop->mmio, &loop->mmio_in_use);
 	const struct pyvmm_range *range = bus_find(bus, run->mmio.phys_addr, &index);
 	int stop;
 
