@@ -7,6 +7,7 @@ GuestImageError whose one line names the file, the problem and the fix.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from pyvmm.errors import GuestImageError
+from pyvmm.imagefile import open_regular
 from pyvmm.memory import MIB, GuestMemory
 
 #: Lowest address of a segment in long or protected mode: below lie the VMM's boot tables.
@@ -123,14 +125,8 @@ def _plan(
     path: Path, memory: GuestMemory, real_mode: bool
 ) -> tuple[LoadedImage, list[tuple[Segment, int]]]:
     """Open and check an ELF image: where it goes, and each segment's file offset."""
-    try:
-        file = path.open("rb")
-    except FileNotFoundError:
-        raise GuestImageError(f"guest image {path} not found: check the path") from None
-    except OSError as error:
-        raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
-    with file:
-        file_size = path.stat().st_size
+    with open_regular(path, "guest image") as file:
+        file_size = os.fstat(file.fileno()).st_size
         elf = _open_elf(path, file)
         placed = _segments(path, elf, file_size)
         segments = [segment for segment, _ in placed]
@@ -156,7 +152,7 @@ def load_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) 
     """Load an ELF32 or ELF64 x86 executable into guest RAM and return where it landed."""
     path = Path(path)
     image, placed = _plan(path, memory, real_mode)
-    with path.open("rb") as file:
+    with open_regular(path, "guest image") as file:
         for segment, offset in placed:
             memory.load_from_file(file, offset, segment.guest_phys_addr, segment.file_size)
             memory.fill(
