@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,16 +46,25 @@ class LoadedImage:
     segments: tuple[Segment, ...]
 
 
+#: pyelftools seeks and unpacks where the headers say: a wild field fails in any of these.
+_PARSE_ERRORS = (ELFError, OSError, ValueError, OverflowError, struct.error)
+
+
+def _malformed(path: Path, error: Exception) -> GuestImageError:
+    detail = " ".join(str(error).split())
+    return GuestImageError(f"{path} is a malformed ELF file ({detail}): rebuild it")
+
+
 def _open_elf(path: Path, file) -> ELFFile:
     try:
         elf = ELFFile(file)
-    except ELFError as error:
+    except _PARSE_ERRORS as error:
         file.seek(0)
         if file.read(4) != b"\x7fELF":
             raise GuestImageError(
                 f"{path} is not an ELF file (no ELF magic): build the guest as an ELF executable"
             ) from None
-        raise GuestImageError(f"{path} is a malformed ELF file ({error}): rebuild it") from None
+        raise _malformed(path, error) from None
     machine = elf["e_machine"]
     if machine not in _MACHINES or _MACHINES[machine] != elf.elfclass:
         raise GuestImageError(
@@ -71,6 +81,12 @@ def _open_elf(path: Path, file) -> ELFFile:
 def _segments(path: Path, elf: ELFFile, file_size: int) -> list[tuple[Segment, int]]:
     """Collect PT_LOAD segments with their file offsets, checking each against the file."""
     found = []
+    table_end = elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]
+    if elf["e_phnum"] and table_end > file_size:
+        raise GuestImageError(
+            f"{path} is truncated or malformed: its program headers run to {table_end:#x} but "
+            f"the file has {file_size:#x}: rebuild or re-copy it"
+        )
     try:
         for header in elf.iter_segments():
             if header["p_type"] != "PT_LOAD" or header["p_memsz"] == 0:
@@ -89,8 +105,8 @@ def _segments(path: Path, elf: ELFFile, file_size: int) -> list[tuple[Segment, i
                     f"but the file has {file_size:#x}: rebuild or re-copy it"
                 )
             found.append((segment, offset))
-    except ELFError as error:
-        raise GuestImageError(f"{path} is a malformed ELF file ({error}): rebuild it") from None
+    except _PARSE_ERRORS as error:
+        raise _malformed(path, error) from None
     if not found:
         raise GuestImageError(f"{path} has no loadable segment: link it with a PT_LOAD segment")
     return found
