@@ -30,7 +30,15 @@ from pyvmm.e820 import memory_map
 from pyvmm.errors import GuestImageError
 from pyvmm.imagefile import read_regular
 from pyvmm.kvm import Vcpu
-from pyvmm.memory import GIB, MIB, PAGE_SIZE, GuestMemory, describe_size
+from pyvmm.memory import (
+    GIB,
+    HIGH_RAM_START,
+    MIB,
+    MMIO_HOLE_START,
+    PAGE_SIZE,
+    GuestMemory,
+    describe_size,
+)
 
 SETUP_HEADER = 0x1F1
 HDRS_MAGIC = 0x53726448  # "HdrS"
@@ -53,6 +61,7 @@ LINUX_GDT_ENTRIES = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 #: pyvmm's identity map takes a page directory per GiB from 0x4000 on: up to 12 GiB of RAM
 #: they stay below the zero page.
 MAX_RAM = 12 << 30
+MMIO_HOLE_SIZE = HIGH_RAM_START - MMIO_HOLE_START
 
 # Offsets in struct boot_params (arch/x86/include/uapi/asm/bootparam.h).
 EXT_RAMDISK_IMAGE, EXT_RAMDISK_SIZE, EXT_CMD_LINE_PTR = 0x0C0, 0x0C4, 0x0C8
@@ -128,8 +137,9 @@ def load_linux(
         raise _fail(path, f"needs at least {need} MiB of RAM to decompress: raise --memory")
     if memory.top > MAX_RAM:
         raise GuestImageError(
-            f"a Linux guest gets at most {MAX_RAM // GIB} GiB of RAM here (the boot page "
-            "tables would reach the zero page): lower --memory"
+            f"a Linux guest gets at most --memory {(MAX_RAM - MMIO_HOLE_SIZE) // GIB}G here "
+            f"(RAM above the 3 GiB hole resumes at 4 GiB, and the boot page tables map up to "
+            f"{MAX_RAM // GIB} GiB before they reach the zero page): lower --memory"
         )
     # The command line is bytes, as typed (a str's non-UTF-8 bytes are surrogate escapes).
     encoded = os.fsencode(cmdline) + b"\0"
@@ -181,8 +191,9 @@ def _load_initrd(memory: GuestMemory, path: Path, image: bytes, kernel_end: int)
     address = (top - len(data)) & ~(PAGE_SIZE - 1)
     if address < kernel_end:
         raise GuestImageError(
-            f"the initrd {path} ({len(data) // 1024} KiB) does not fit in RAM above the "
-            "kernel: raise --memory"
+            f"the initrd {path} ({describe_size(len(data))}) does not fit in RAM above the "
+            f"kernel: [{kernel_end:#x}, {top:#x}) holds {describe_size(max(0, top - kernel_end))}"
+            ": raise --memory"
         )
     memory.write(address, data)
     return address, len(data)

@@ -122,7 +122,11 @@ def _check_placement(
             where = (
                 "conventional memory [0x500, 0xa0000)"
                 if real_mode
-                else (f"guest RAM above 1 MiB (RAM ends at {memory.top:#x})")
+                else "guest RAM above 1 MiB ("
+                + " and ".join(
+                    f"[{max(r.guest_phys_addr, low):#x}, {r.end:#x})" for r in memory.regions
+                )
+                + ")"
             )
             raise GuestImageError(
                 f"{path}: segment [{start:#x}, {end:#x}) lies outside {where}: "

@@ -16,11 +16,13 @@ import pytest
 import pyvmm
 from pyvmm import ExitStatus, Machine, guest_path
 from pyvmm import cli as pyvmm_cli_module
+from pyvmm.boot import load_guest
 from pyvmm.devices.fw_cfg import FW_CFG_CMDLINE_DATA
 from pyvmm.errors import ConfigurationError, DeviceHandlerError, GuestImageError
 from pyvmm.linux import COMMAND_LINE
-from pyvmm.memory import host_memory_limit
+from pyvmm.memory import GuestMemory, host_memory_limit
 from tests.test_linux import bzimage
+from tests.test_loader import elf64
 
 pytestmark = pytest.mark.usefixtures("kvm_required")
 
@@ -213,3 +215,21 @@ def test_a_file_in_the_current_directory_beats_a_bundled_name(pyvmm_cli, tmp_pat
     env = {**os.environ, "PYTHONPATH": str(Path(pyvmm.__file__).parents[1])}
     completed = pyvmm_cli("run", "hello", timeout=RUN_TIMEOUT, cwd=tmp_path, env=env)
     assert_refused(completed, ExitStatus.BAD_IMAGE, "hello is not an ELF file")
+
+
+def test_ram_limit_messages_name_the_real_limit(tmp_path: Path) -> None:
+    image = tmp_path / "bzImage"
+    image.write_bytes(bzimage())
+    memory = GuestMemory("12G")  # guest-physical top 13 GiB: past the 12 GiB the tables map
+    try:
+        with pytest.raises(GuestImageError, match="at most --memory 11G"):
+            load_guest(memory, image, boot="linux")
+    finally:
+        memory.close()
+    elf = elf64(tmp_path / "high.elf", [(0xC000_0000, b"x", 0x1000)], 0xC000_0000)
+    memory = GuestMemory("5G")
+    try:
+        with pytest.raises(GuestImageError, match=r"\(\[0x100000, 0xc0000000\) and \[0x1"):
+            load_guest(memory, elf)
+    finally:
+        memory.close()

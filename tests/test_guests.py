@@ -227,7 +227,7 @@ def test_python_handler_exception_reaches_the_caller(kvm_required):
     with Machine(serial="capture") as machine:
         machine.load(guest_path("pio_mmio"))
         machine.add_pio(0x500, 8, broken, "broken device")
-        with pytest.raises(DeviceHandlerError, match="broken device.*device bug") as raised:
+        with pytest.raises(DeviceHandlerError, match=r"broken device.*device bug") as raised:
             machine.run(timeout=30)
     assert raised.value.exit_status == ExitStatus.DEVICE_ERROR
     assert isinstance(raised.value.__cause__, RuntimeError)
