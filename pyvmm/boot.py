@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvmm.errors import ConfigurationError, GuestImageError
+from pyvmm.imagefile import open_regular
 from pyvmm.kvm import Vcpu
 from pyvmm.linux import LinuxImage, enter_linux, is_bzimage, load_linux
 from pyvmm.loader import LoadedImage, load_elf
@@ -67,15 +68,11 @@ class BootPlan:
 
 
 def _read_head(path: Path) -> tuple[bytes, int]:
-    try:
-        with path.open("rb") as file:
+    with open_regular(path, "guest image") as file:
+        try:
             return file.read(HEADER_SEARCH), os.fstat(file.fileno()).st_size
-    except FileNotFoundError:
-        raise GuestImageError(f"guest image {path} not found: check the path") from None
-    except IsADirectoryError:
-        raise GuestImageError(f"guest image {path} is a directory: give a file") from None
-    except OSError as error:
-        raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
+        except OSError as error:
+            raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
 
 
 def load_guest(
@@ -84,7 +81,7 @@ def load_guest(
     *,
     mode: CpuMode | str | None = None,
     boot: BootProtocol | str | None = None,
-    append: str = "",
+    append: str | bytes = "",
     initrd: Sequence[str | Path] = (),
 ) -> BootPlan:
     """Recognise the image's boot protocol (or use boot), load it and say how to enter it.
@@ -150,7 +147,7 @@ def _load_linux(
     memory: GuestMemory,
     path: str,
     mode: CpuMode | None,
-    append: str,
+    append: str | bytes,
     initrd: Sequence[str | Path],
 ) -> BootPlan:
     if mode not in (None, CpuMode.LONG):

@@ -7,8 +7,10 @@ with the distinct status listed by `pyvmm run --help`; never a traceback for use
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from pyvmm.boot import BootProtocol
@@ -27,6 +29,29 @@ _STATUSES = "\n".join(
 EPILOG = f"""exit status: 0 or (v << 1) | 1 when the guest ends itself (power-off, or a write of v
 to isa-debug-exit at port 0xF4); otherwise one of:
 {_STATUSES}"""
+
+
+def timeout_seconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite, non-negative number of seconds: leave --timeout out "
+            "to run without one"
+        )
+    return seconds
+
+
+def serial_target(text: str) -> str:
+    """An argparse type: the UART targets the command line offers (capture is the API's)."""
+    if text == "capture":
+        raise argparse.ArgumentTypeError(
+            "capture is for the Python API: use stdio, file:PATH or none"
+        )
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default="64M", help="guest RAM, e.g. 64M or 4G (default 64M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument(
-        "--serial", default="stdio", help="UART output: stdio, file:PATH or none (default stdio)"
+        "--serial",
+        type=serial_target,
+        default="stdio",
+        help="UART output: stdio, file:PATH or none (default stdio)",
     )
-    run.add_argument("--timeout", type=float, default=None, help="stop the guest after S seconds")
+    run.add_argument(
+        "--timeout", type=timeout_seconds, default=None, help="stop the guest after S seconds"
+    )
     run.add_argument(
         "--boot",
         choices=[protocol.value for protocol in BootProtocol],
@@ -125,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print exits by reason and accesses by port/MMIO range at the end, on stderr",
     )
+    run.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an internal error (so does PYVMM_DEBUG=1)",
+    )
     add_device_parsers(commands)
     return parser
 
@@ -141,8 +176,6 @@ def run_command(args: argparse.Namespace) -> int:
     """Boot the guest as asked and return the process exit status."""
     from pyvmm.machine import Machine
 
-    if args.serial == "capture":
-        raise PyvmmError("--serial capture is for the Python API: use stdio, file:PATH or none")
     if args.trace:
         trace_to(sys.stderr)
     if args.guest is None:
@@ -167,7 +200,8 @@ def run_command(args: argparse.Namespace) -> int:
             args.guest if image == Path(args.guest) else image,
             args.mode,
             boot=args.boot,
-            append=args.append,
+            # The command line is passed as the bytes typed, UTF-8 or not, as QEMU does.
+            append=os.fsencode(args.append),
             initrd=[entry for value in args.initrd for entry in split_module_list(value)],
         )
         for warning in machine.boot.warnings:
@@ -198,6 +232,7 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the pyvmm console script."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("PYVMM_DEBUG", "") not in ("", "0")
     try:
         if args.command != "run":
             return args.func(args)
@@ -209,6 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`pyvmm devices | head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        # Ctrl-C before or after a run (a run itself turns SIGINT into its result).
+        print("pyvmm: interrupted (SIGINT)", file=sys.stderr)
+        return int(ExitStatus.SIGNALLED)
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        detail = " ".join(str(error).split())
+        print(
+            f"pyvmm: internal error: {type(error).__name__}: {detail} (run with --debug for the "
+            "traceback; please report it)",
+            file=sys.stderr,
+        )
+        return int(ExitStatus.INTERNAL_BUG)
 
 
 if __name__ == "__main__":

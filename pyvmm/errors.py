@@ -35,6 +35,7 @@ class ExitStatus(enum.IntEnum):
     MEMLOCK_LIMIT = 34  #: RLIMIT_MEMLOCK is too low to pin guest RAM for DMA
     NO_VFIO = 36  #: the host kernel lacks VFIO (or iommufd and the device cdev for --vfio cdev)
     REBOOT = 38  #: the guest rebooted the machine (reset control register, port 0xCF9)
+    INTERNAL_BUG = 40  #: pyvmm itself failed unexpectedly (a bug: please report it)
 
 
 class PyvmmError(Exception):
@@ -76,6 +77,12 @@ class KvmIoctlError(PyvmmError):
         super().__init__(f"{ioctl} failed: {name}: {os.strerror(error)}{detail}")
         self.ioctl = ioctl
         self.errno = error
+
+
+class DeviceHandlerError(PyvmmError):
+    """A device backend (a Python handler of a port or MMIO range) raised; __cause__ is why."""
+
+    exit_status = ExitStatus.DEVICE_ERROR
 
 
 class DeviceAssignmentError(PyvmmError):

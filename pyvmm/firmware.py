@@ -47,6 +47,7 @@ from pyvmm.devices.fw_cfg import (
     FwCfg,
 )
 from pyvmm.errors import ConfigurationError, GuestImageError
+from pyvmm.imagefile import open_regular
 from pyvmm.ioctl import Cdata
 from pyvmm.kvm import Vcpu, Vm
 from pyvmm.linux import COMMAND_LINE, LINUX_GDT
@@ -105,16 +106,16 @@ class Blob:
 def read_image(path: str | Path) -> bytes:
     """Read and check a firmware image: 64 KiB, pyvmm's signature, bytes summing to 0."""
     path = Path(path)
-    try:
-        image = path.read_bytes()
-    except FileNotFoundError:
-        hint = " (pip install builds it from firmware/)" if path == BUNDLED_IMAGE else ""
-        raise GuestImageError(f"firmware image {path} not found{hint}: check the path") from None
-    except OSError as error:
-        raise GuestImageError(f"cannot read firmware image {path}: {error.strerror}") from None
+    hint = " (pip install builds it from firmware/)" if path == BUNDLED_IMAGE else ""
+    with open_regular(path, "firmware image", hint) as file:
+        try:
+            image = file.read(ROM_SIZE + 1)  # one more than a ROM: enough to refuse a larger file
+        except OSError as error:
+            raise GuestImageError(f"cannot read firmware image {path}: {error.strerror}") from None
     if len(image) != ROM_SIZE:
         raise GuestImageError(
-            f"firmware image {path} is {len(image)} bytes, not {ROM_SIZE}: not a pyvmm "
+            f"firmware image {path} is {'over ' if len(image) > ROM_SIZE else ''}"
+            f"{min(len(image), ROM_SIZE)} bytes, not {ROM_SIZE}: not a pyvmm "
             "firmware image (make -C firmware builds one)"
         )
     if image[SIGNATURE_OFFSET : SIGNATURE_OFFSET + len(SIGNATURE)] != SIGNATURE:

@@ -19,6 +19,7 @@ The real-mode setup code is never run: it would need a BIOS, which pyvmm does no
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,17 @@ import numpy as np
 
 from pyvmm.e820 import memory_map
 from pyvmm.errors import GuestImageError
+from pyvmm.imagefile import read_regular
 from pyvmm.kvm import Vcpu
-from pyvmm.memory import GIB, MIB, PAGE_SIZE, GuestMemory
+from pyvmm.memory import (
+    GIB,
+    HIGH_RAM_START,
+    MIB,
+    MMIO_HOLE_START,
+    PAGE_SIZE,
+    GuestMemory,
+    describe_size,
+)
 
 SETUP_HEADER = 0x1F1
 HDRS_MAGIC = 0x53726448  # "HdrS"
@@ -51,6 +61,7 @@ LINUX_GDT_ENTRIES = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
 #: pyvmm's identity map takes a page directory per GiB from 0x4000 on: up to 12 GiB of RAM
 #: they stay below the zero page.
 MAX_RAM = 12 << 30
+MMIO_HOLE_SIZE = HIGH_RAM_START - MMIO_HOLE_START
 
 # Offsets in struct boot_params (arch/x86/include/uapi/asm/bootparam.h).
 EXT_RAMDISK_IMAGE, EXT_RAMDISK_SIZE, EXT_CMD_LINE_PTR = 0x0C0, 0x0C4, 0x0C8
@@ -89,16 +100,26 @@ def _fail(path: Path, problem: str) -> GuestImageError:
 
 
 def load_linux(
-    memory: GuestMemory, path: str | Path, cmdline: str = "", initrd: str | Path | None = None
+    memory: GuestMemory,
+    path: str | Path,
+    cmdline: str | bytes = "",
+    initrd: str | Path | None = None,
 ) -> LinuxImage:
     """Load a bzImage, its command line and initrd into guest RAM; returns where to enter."""
     path = Path(path)
-    try:
-        image = path.read_bytes()
-    except OSError as error:
-        raise _fail(path, f"cannot read the kernel: {error.strerror}") from None
+    low = memory.regions[0].end
+    room = f"RAM below the 3 GiB hole ({describe_size(low)})"
+    image = read_regular(path, "kernel", low, room)
     if not is_bzimage(image):
         raise _fail(path, "not a bzImage (no HdrS setup header): give a Linux bzImage")
+    # The header's own length (0x202 + the byte at 0x201) and the fields read below.
+    header_end = HEADER + image[0x201]
+    if len(image) < max(header_end, INIT_SIZE + 4):
+        raise _fail(
+            path,
+            f"truncated: {len(image)} bytes end inside the setup header (it needs "
+            f"{max(header_end, INIT_SIZE + 4):#x}): give a whole bzImage",
+        )
     protocol = struct.unpack_from("<H", image, VERSION)[0]
     if protocol < MIN_PROTOCOL:
         raise _fail(path, f"boot protocol {protocol >> 8}.{protocol & 0xFF} is older than 2.12")
@@ -116,10 +137,14 @@ def load_linux(
         raise _fail(path, f"needs at least {need} MiB of RAM to decompress: raise --memory")
     if memory.top > MAX_RAM:
         raise GuestImageError(
-            f"a Linux guest gets at most {MAX_RAM // GIB} GiB of RAM here (the boot page "
-            "tables would reach the zero page): lower --memory"
+            f"a Linux guest gets at most --memory {(MAX_RAM - MMIO_HOLE_SIZE) // GIB}G here "
+            f"(RAM above the 3 GiB hole resumes at 4 GiB, and the boot page tables map up to "
+            f"{MAX_RAM // GIB} GiB before they reach the zero page): lower --memory"
         )
-    encoded = cmdline.encode() + b"\0"
+    # The command line is bytes, as typed (a str's non-UTF-8 bytes are surrogate escapes).
+    encoded = os.fsencode(cmdline) + b"\0"
+    if b"\0" in encoded[:-1]:
+        raise GuestImageError("the --append text has a NUL character: remove it")
     limit = min(struct.unpack_from("<I", image, CMDLINE_SIZE)[0] + 1, COMMAND_LINE_MAX)
     if len(encoded) > limit:
         raise GuestImageError(
@@ -130,7 +155,7 @@ def load_linux(
     memory.write(COMMAND_LINE, encoded)
     zero_page = memory.view(ZERO_PAGE, PAGE_SIZE)
     zero_page[:] = 0
-    header_end = HEADER + image[0x201]  # "0x0202 + byte value at offset 0x0201"
+    # header_end is "0x0202 + byte value at offset 0x0201" (checked above).
     zero_page[SETUP_HEADER:header_end] = np.frombuffer(image[SETUP_HEADER:header_end], np.uint8)
 
     def put(offset: int, fmt: str, value: int) -> None:
@@ -159,17 +184,16 @@ def load_linux(
 
 
 def _load_initrd(memory: GuestMemory, path: Path, image: bytes, kernel_end: int) -> tuple[int, int]:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise GuestImageError(f"cannot read the initrd {path}: {error.strerror}") from None
+    low = memory.regions[0].end
+    data = read_regular(path, "initrd", low, f"RAM below the 3 GiB hole ({describe_size(low)})")
     addr_max = struct.unpack_from("<I", image, INITRD_ADDR_MAX)[0] or 0x37FFFFFF
     top = min(addr_max + 1, memory.regions[0].end)
     address = (top - len(data)) & ~(PAGE_SIZE - 1)
     if address < kernel_end:
         raise GuestImageError(
-            f"the initrd {path} ({len(data) // 1024} KiB) does not fit in RAM above the "
-            "kernel: raise --memory"
+            f"the initrd {path} ({describe_size(len(data))}) does not fit in RAM above the "
+            f"kernel: [{kernel_end:#x}, {top:#x}) holds {describe_size(max(0, top - kernel_end))}"
+            ": raise --memory"
         )
     memory.write(address, data)
     return address, len(data)

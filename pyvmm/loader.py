@@ -7,6 +7,8 @@ GuestImageError whose one line names the file, the problem and the fix.
 from __future__ import annotations
 
 import itertools
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from pyvmm.errors import GuestImageError
+from pyvmm.imagefile import open_regular
 from pyvmm.memory import MIB, GuestMemory
 
 #: Lowest address of a segment in long or protected mode: below lie the VMM's boot tables.
@@ -43,16 +46,25 @@ class LoadedImage:
     segments: tuple[Segment, ...]
 
 
+#: pyelftools seeks and unpacks where the headers say: a wild field fails in any of these.
+_PARSE_ERRORS = (ELFError, OSError, ValueError, OverflowError, struct.error)
+
+
+def _malformed(path: Path, error: Exception) -> GuestImageError:
+    detail = " ".join(str(error).split())
+    return GuestImageError(f"{path} is a malformed ELF file ({detail}): rebuild it")
+
+
 def _open_elf(path: Path, file) -> ELFFile:
     try:
         elf = ELFFile(file)
-    except ELFError as error:
+    except _PARSE_ERRORS as error:
         file.seek(0)
         if file.read(4) != b"\x7fELF":
             raise GuestImageError(
                 f"{path} is not an ELF file (no ELF magic): build the guest as an ELF executable"
             ) from None
-        raise GuestImageError(f"{path} is a malformed ELF file ({error}): rebuild it") from None
+        raise _malformed(path, error) from None
     machine = elf["e_machine"]
     if machine not in _MACHINES or _MACHINES[machine] != elf.elfclass:
         raise GuestImageError(
@@ -69,6 +81,12 @@ def _open_elf(path: Path, file) -> ELFFile:
 def _segments(path: Path, elf: ELFFile, file_size: int) -> list[tuple[Segment, int]]:
     """Collect PT_LOAD segments with their file offsets, checking each against the file."""
     found = []
+    table_end = elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]
+    if elf["e_phnum"] and table_end > file_size:
+        raise GuestImageError(
+            f"{path} is truncated or malformed: its program headers run to {table_end:#x} but "
+            f"the file has {file_size:#x}: rebuild or re-copy it"
+        )
     try:
         for header in elf.iter_segments():
             if header["p_type"] != "PT_LOAD" or header["p_memsz"] == 0:
@@ -87,8 +105,8 @@ def _segments(path: Path, elf: ELFFile, file_size: int) -> list[tuple[Segment, i
                     f"but the file has {file_size:#x}: rebuild or re-copy it"
                 )
             found.append((segment, offset))
-    except ELFError as error:
-        raise GuestImageError(f"{path} is a malformed ELF file ({error}): rebuild it") from None
+    except _PARSE_ERRORS as error:
+        raise _malformed(path, error) from None
     if not found:
         raise GuestImageError(f"{path} has no loadable segment: link it with a PT_LOAD segment")
     return found
@@ -104,7 +122,11 @@ def _check_placement(
             where = (
                 "conventional memory [0x500, 0xa0000)"
                 if real_mode
-                else (f"guest RAM above 1 MiB (RAM ends at {memory.top:#x})")
+                else "guest RAM above 1 MiB ("
+                + " and ".join(
+                    f"[{max(r.guest_phys_addr, low):#x}, {r.end:#x})" for r in memory.regions
+                )
+                + ")"
             )
             raise GuestImageError(
                 f"{path}: segment [{start:#x}, {end:#x}) lies outside {where}: "
@@ -123,14 +145,8 @@ def _plan(
     path: Path, memory: GuestMemory, real_mode: bool
 ) -> tuple[LoadedImage, list[tuple[Segment, int]]]:
     """Open and check an ELF image: where it goes, and each segment's file offset."""
-    try:
-        file = path.open("rb")
-    except FileNotFoundError:
-        raise GuestImageError(f"guest image {path} not found: check the path") from None
-    except OSError as error:
-        raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
-    with file:
-        file_size = path.stat().st_size
+    with open_regular(path, "guest image") as file:
+        file_size = os.fstat(file.fileno()).st_size
         elf = _open_elf(path, file)
         placed = _segments(path, elf, file_size)
         segments = [segment for segment, _ in placed]
@@ -156,7 +172,7 @@ def load_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) 
     """Load an ELF32 or ELF64 x86 executable into guest RAM and return where it landed."""
     path = Path(path)
     image, placed = _plan(path, memory, real_mode)
-    with path.open("rb") as file:
+    with open_regular(path, "guest image") as file:
         for segment, offset in placed:
             memory.load_from_file(file, offset, segment.guest_phys_addr, segment.file_size)
             memory.fill(

@@ -204,7 +204,7 @@ class Machine:
         path: str | Path,
         mode: CpuMode | str | None = None,
         boot: BootProtocol | str | None = None,
-        append: str = "",
+        append: str | bytes = "",
         initrd: Sequence[str | Path] = (),
     ) -> LoadedImage:
         """Load a guest with the protocol it speaks, or boot: see boot.load_guest.
@@ -253,7 +253,7 @@ class Machine:
         """Back MMIO [base, base + length) with a host byte array, served natively."""
         return self.mmio.add_buffer(base, length, name)
 
-    def _boot_like_a_pc(self, plan: BootPlan, append: str) -> None:
+    def _boot_like_a_pc(self, plan: BootPlan, append: str | bytes) -> None:
         """The platform a kernel booted as by QEMU's -kernel finds: irqchip, PCI, fw_cfg."""
         self._enable_pci()
         self.fw_cfg = add_fw_cfg(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import re
+import resource
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -43,6 +44,51 @@ def parse_size(text: str | int) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                name, _, value = line.partition(":")
+                if name == field:
+                    return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def host_memory_limit() -> tuple[int, str] | None:
+    """The most guest RAM this host can ever back, and what sets that limit, if known.
+
+    MAP_NORESERVE lets a mapping far beyond RAM succeed, and KVM's memory slot set-up then
+    takes seconds before the first touch fails; a guest larger than RAM plus swap (or the
+    commit limit under strict overcommit, or RLIMIT_AS) can never run, so it is refused now.
+    """
+    limits = []
+    total, swap = _meminfo_bytes("MemTotal"), _meminfo_bytes("SwapTotal")
+    if total is not None:
+        limits.append((total + (swap or 0), "the host's RAM plus swap (MemTotal + SwapTotal)"))
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as mode:
+            strict = mode.read().strip() == "2"
+    except OSError:
+        strict = False
+    commit = _meminfo_bytes("CommitLimit") if strict else None
+    if commit is not None:
+        limits.append((commit, "the host's CommitLimit (vm.overcommit_memory = 2)"))
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        limits.append((address_space, "RLIMIT_AS (ulimit -v)"))
+    return min(limits) if limits else None
+
+
+def describe_size(size: int) -> str:
+    """A byte count as the largest unit that shows it to a tenth: 64 MiB, 23.5 GiB."""
+    for unit, name in ((1 << 40, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (1 << 10, "KiB")):
+        if size >= unit:
+            return f"{size / unit:.1f}".removesuffix(".0") + f" {name}"
+    return f"{size} bytes"
+
+
 @dataclass
 class MemoryRegion:
     """One contiguous stretch of guest RAM and the host mapping behind it."""
@@ -72,12 +118,24 @@ class GuestMemory:
             raise ConfigurationError(
                 f"guest memory must be at least 1 MiB and a multiple of 4 KiB, not {size} bytes"
             )
+        limit = host_memory_limit()
+        if limit is not None and size > limit[0]:
+            raise ConfigurationError(
+                f"--memory {describe_size(size)} is more than this host can back: at most "
+                f"{describe_size(limit[0])} ({limit[1]}): lower --memory"
+            )
         self.size = size
         self.regions: list[MemoryRegion] = []
         low = min(size, MMIO_HOLE_START)
-        self._add_region(0, low)
-        if size > low:
-            self._add_region(HIGH_RAM_START, size - low)
+        try:
+            self._add_region(0, low)
+            if size > low:
+                self._add_region(HIGH_RAM_START, size - low)
+        except OSError as error:
+            self.close()
+            raise ConfigurationError(
+                f"cannot map {describe_size(size)} of guest RAM: {error.strerror}: lower --memory"
+            ) from None
 
     def _add_region(self, guest_phys_addr: int, size: int) -> None:
         mapping = mmap.mmap(

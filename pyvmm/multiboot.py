@@ -35,8 +35,9 @@ from pathlib import Path
 
 from pyvmm.e820 import LOW_RAM_END, MemoryRange, memory_map
 from pyvmm.errors import ConfigurationError, GuestImageError
+from pyvmm.imagefile import open_regular, read_regular
 from pyvmm.loader import PROTECTED_LOAD_MIN, LoadedImage, Segment, inspect_elf, load_elf
-from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory
+from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory, describe_size
 
 HEADER_MAGIC = 0x1BADB002
 #: What the kernel finds in EAX: proof that a multiboot loader entered it.
@@ -279,7 +280,7 @@ def _check_in_ram(path: Path, memory: GuestMemory, start: int, end: int) -> None
         )
 
 
-def _read_modules(entries: Sequence[str]) -> list[tuple[str, Path, bytes]]:
+def _read_modules(entries: Sequence[str], memory: GuestMemory) -> list[tuple[str, Path, bytes]]:
     modules = []
     for entry in entries:
         entry = os.fspath(entry)
@@ -291,14 +292,10 @@ def _read_modules(entries: Sequence[str]) -> list[tuple[str, Path, bytes]]:
                 f"module entry {entry!r} has no file name: give FILE or 'FILE ARGS' per module"
             )
         path = Path(name)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise GuestImageError(f"multiboot module {path} not found: check the path") from None
-        except OSError as error:
-            raise GuestImageError(
-                f"cannot read multiboot module {path}: {error.strerror}"
-            ) from None
+        low = memory.regions[0].end
+        data = read_regular(
+            path, "multiboot module", low, f"RAM below the 3 GiB hole ({describe_size(low)})"
+        )
         modules.append((entry, path, data))
     return modules
 
@@ -316,7 +313,7 @@ def load_multiboot(
     path: str | Path,
     header: MultibootHeader,
     *,
-    append: str = "",
+    append: str | bytes = "",
     modules: Sequence[str | Path] = (),
 ) -> MultibootInfo:
     """Load a multiboot kernel, its modules and its boot information into guest RAM.
@@ -326,15 +323,17 @@ def load_multiboot(
     """
     name = os.fspath(path)
     path = Path(path)
+    # Bytes that are not UTF-8 travel as surrogate escapes: _cstring gives them back as typed.
+    append = os.fsdecode(append)
     if "\0" in append:
         raise ConfigurationError("the --append text has a NUL character: remove it")
     warnings = _check_flags(path, header)
-    try:
-        with path.open("rb") as file:
+    with open_regular(path, "guest image") as file:
+        try:
             ident = file.read(5)  # ELF magic and class
-            file_size = os.fstat(file.fileno()).st_size
-    except OSError as error:
-        raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
+        except OSError as error:
+            raise GuestImageError(f"cannot read guest image {path}: {error.strerror}") from None
+        file_size = os.fstat(file.fileno()).st_size
     raw = None
     if header.address_fields:
         raw = _raw_image(path, header, file_size)
@@ -352,7 +351,7 @@ def load_multiboot(
                 "refuses it too: 'Cannot load x86-64 image, give a 32bit one'): link it as "
                 "ELF32, or set flag bit 16 and the header's address fields"
             )
-    loaded = _read_modules(modules)
+    loaded = _read_modules(modules, memory)
     cmdline = f"{name} {append}"  # QEMU's "%s %s": a trailing space when there is no append
 
     if raw is None:
@@ -399,7 +398,7 @@ def load_multiboot(
     if raw is None:
         load_elf(memory, path)
     else:
-        with path.open("rb") as file:
+        with open_regular(path, "guest image") as file:
             memory.load_from_file(file, raw.file_offset, start, raw.load_size)
         memory.fill(start + raw.load_size, end - start - raw.load_size)
     memory.fill(info_area, top - info_area)

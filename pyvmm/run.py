@@ -14,7 +14,7 @@ from typing import Any
 
 from pyvmm._native import ffi
 from pyvmm.bus import NativeHandler
-from pyvmm.errors import ExitStatus
+from pyvmm.errors import DeviceHandlerError, ExitStatus
 from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import VcpuRunner, VcpuStop
 
@@ -143,12 +143,18 @@ class MachineRun:
 
     @staticmethod
     def _raise_handler_error(runner: VcpuRunner) -> None:
+        # A device bug is the device's failure (status 22), not pyvmm's: the original
+        # exception stays reachable as __cause__ for a Python caller.
         error = runner.exception
         runner.exception = None
-        error.add_note(
-            f"raised by the handler of {runner.access_range_name()} on vCPU {runner.vcpu.index}"
-        )
-        raise error
+        raise DeviceHandlerError(
+            f"the Python handler of {runner.access_range_name()} on vCPU {runner.vcpu.index} "
+            f"raised {type(error).__name__}: {_one_line(error)}: fix the device handler"
+        ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or "(no message)"
 
 
 def _add_unclaimed(total: Unclaimed, record: Any) -> None:

@@ -100,5 +100,5 @@ def test_file_shorter_than_its_segments(tmp_path, memory):
 
 
 def test_directory_is_not_an_image(tmp_path, memory):
-    with pytest.raises(GuestImageError, match="cannot read guest image"):
+    with pytest.raises(GuestImageError, match="is a directory, not a regular file"):
         load_elf(memory, tmp_path)

@@ -25,6 +25,7 @@ writes of its address (one, for a control structure below 4 GiB whose high half 
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Iterable
@@ -273,7 +274,7 @@ class FwCfg:
         QEMU's x86 machines leave FW_CFG_KERNEL_CMDLINE (0x09) out (other architectures put
         the command line's address there), and so does pyvmm.
         """
-        text = cmdline.encode() if isinstance(cmdline, str) else bytes(cmdline)
+        text = os.fsencode(cmdline)  # a str's non-UTF-8 bytes are surrogate escapes
         if b"\0" in text:
             raise ConfigurationError("fw_cfg: the command line holds a NUL byte")
         self.add_item(FW_CFG_CMDLINE_SIZE, _u32(len(text) + 1, "command line size"))
