@@ -18,6 +18,9 @@ from pyvmm.errors import ExitStatus
 from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import VcpuRunner, VcpuStop
 
+#: Seconds between kicks while waiting for a vCPU thread to end.
+_REKICK_INTERVAL = 0.5
+
 
 class MachineRun:
     """One run of a Machine: vCPU threads, the wait, the stop, and the result."""
@@ -80,10 +83,22 @@ class MachineRun:
         finally:
             self._stop_all()
             for thread in threads:
-                thread.join()
+                self._join(thread)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self._build_result(time.monotonic() - started)
+
+    def _join(self, thread: threading.Thread) -> None:
+        # No native path blocks a vCPU (the UART never writes to a consumer on it), so a
+        # kicked thread ends within a few exits. The join still kicks again each interval:
+        # a kick is cheap and covers a thread that got past the stop flag by a race. It is
+        # not abandoned after a bound: the thread uses the kvm_run page and guest RAM, and
+        # freeing them under it would crash the process instead of hanging it.
+        while True:
+            thread.join(_REKICK_INTERVAL)
+            if not thread.is_alive():
+                return
+            self._stop_all()
 
     def _build_result(self, elapsed: float) -> RunResult:
         machine = self.machine
@@ -136,7 +151,8 @@ class MachineRun:
             loop = runner.loop
             _add_unclaimed(result.unclaimed_pio, loop.unclaimed_pio)
             _add_unclaimed(result.unclaimed_mmio, loop.unclaimed_mmio)
-        machine.serial.flush()
+        # Bounded (serial.FLUSH_TIMEOUT): a consumer that stopped reading loses the rest.
+        result.serial_dropped = machine.serial.flush()
         with contextlib.suppress(ValueError):
             result.serial = machine.serial.captured()
         return result
