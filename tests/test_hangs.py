@@ -199,3 +199,15 @@ def test_file_output_keeps_every_byte(tmp_path: Path) -> None:
         sent = machine.serial.bytes_out
     assert result.serial_dropped == 0
     assert sent > 0 and output.stat().st_size == sent
+
+
+def test_closed_reader_ends_at_timeout_with_status_unchanged() -> None:
+    # `pyvmm run flood | head -c 100`: the reader goes away; the rest is dropped and counted.
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    run = Run("flood", "--timeout", "2", stdout=write_end)
+    os.close(write_end)
+    _read_until(read_end, b"flood")
+    os.close(read_end)
+    stderr = _expect_timeout(run, 2 + HARD_LIMIT / 2)
+    assert "bytes of serial output dropped: the reader of stdout stopped reading" in stderr
+    assert "Traceback" not in stderr
