@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -18,8 +19,8 @@ from pyvmm.errors import ExitStatus
 from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import VcpuRunner, VcpuStop
 
-#: Seconds between kicks while waiting for a vCPU thread to end.
-_REKICK_INTERVAL = 0.5
+#: Seconds a kicked vCPU thread may take to end before pyvmm says which one is stuck.
+_STUCK_AFTER = 5.0
 
 
 class MachineRun:
@@ -82,23 +83,26 @@ class MachineRun:
             self.timed_out = not self.done.wait(self.timeout)
         finally:
             self._stop_all()
-            for thread in threads:
-                self._join(thread)
+            for runner, thread in zip(self.runners, threads, strict=True):
+                self._join(runner, thread)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self._build_result(time.monotonic() - started)
 
-    def _join(self, thread: threading.Thread) -> None:
-        # No native path blocks a vCPU (the UART never writes to a consumer on it), so a
-        # kicked thread ends within a few exits. The join still kicks again each interval:
-        # a kick is cheap and covers a thread that got past the stop flag by a race. It is
-        # not abandoned after a bound: the thread uses the kvm_run page and guest RAM, and
-        # freeing them under it would crash the process instead of hanging it.
-        while True:
-            thread.join(_REKICK_INTERVAL)
-            if not thread.is_alive():
-                return
-            self._stop_all()
+    def _join(self, runner: VcpuRunner, thread: threading.Thread) -> None:
+        # A kicked vCPU ends within an exit: immediate_exit stays set, so KVM_RUN returns at
+        # once, and no native handler blocks (the UART never writes to a consumer on the vCPU
+        # thread). Only a Python device handler that blocks can hold one, and that thread
+        # cannot be abandoned: it uses the kvm_run page and guest RAM, and freeing them under
+        # it would crash the process. So the wait goes on, but says what it waits for.
+        thread.join(_STUCK_AFTER)
+        if thread.is_alive():
+            print(
+                f"pyvmm: warning: vCPU {runner.vcpu.index} has not stopped {_STUCK_AFTER:g} s"
+                f" after the stop: its device handler ({runner.access_range_name()}) is blocked",
+                file=sys.stderr,
+            )
+            thread.join()
 
     def _build_result(self, elapsed: float) -> RunResult:
         machine = self.machine
