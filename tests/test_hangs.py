@@ -211,3 +211,19 @@ def test_closed_reader_ends_at_timeout_with_status_unchanged() -> None:
     stderr = _expect_timeout(run, 2 + HARD_LIMIT / 2)
     assert "bytes of serial output dropped: the reader of stdout stopped reading" in stderr
     assert "Traceback" not in stderr
+
+
+def test_blocked_python_handler_is_named(capfd: pytest.CaptureFixture[str]) -> None:
+    # A Python device handler that blocks holds its vCPU: the run cannot free what that
+    # thread uses, so it waits, but it says which handler it waits for.
+    def blocking_handler(_offset: int, _data: memoryview, _is_write: bool) -> None:
+        time.sleep(9)  # past the timeout plus the 5 s after which the warning comes
+
+    with Machine(memory="16M", serial="capture") as machine:
+        machine.load(guest_path("pio_mmio"))  # its first access is port 0x500
+        machine.add_pio(0x500, 8, blocking_handler, "blocking-dev")
+        result = machine.run(timeout=2)
+    assert result.outcome == "timeout"
+    assert "vCPU 0 has not stopped 5 s after the stop: its device handler (blocking-dev)" in (
+        capfd.readouterr().err
+    )
