@@ -1,8 +1,9 @@
 """The 16550A UART at COM1 (ports 0x3F8-0x3FF, IRQ 4).
 
-The register file runs natively in csrc/uart.c, so a guest's printing costs no Python. This
-module decides where output goes (stdout, a file, a pipe, or a capture buffer for tests) and
-feeds input from a file descriptor, such as stdin, through a small reader thread.
+The UART runs natively (csrc/uart.c, the registers; csrc/uart_tx.c, the transmit path), so a
+guest's printing costs no Python. This module decides where output goes (stdout, a file, a
+pipe, or a capture buffer for tests) and feeds input from a file descriptor, such as stdin,
+through a small reader thread.
 
 Output nobody reads never holds up the stop. Output to a regular file (file:PATH, a capture
 memfd, stdout redirected to a file) cannot stall and keeps every byte. Output to anything
