@@ -17,7 +17,7 @@ from cffi import FFI
 # setuptools wants source paths relative to the project root, where builds run.
 CSRC = Path(os.path.relpath(Path(__file__).resolve().parent / "csrc"))
 HEADERS = ("kvm_uapi.h", "vfio_uapi.h", "pyvmm.h")
-SOURCES = ("runloop.c", "uart.c")
+SOURCES = ("runloop.c", "uart.c", "uart_tx.c")
 
 _DEFINE = re.compile(r"^#define[ \t]+([A-Z][A-Za-z0-9_]*)[ \t]+\S", re.MULTILINE)
 _CDEF_BLOCK = re.compile(r"/\* cdef-begin \*/(.*?)/\* cdef-end \*/", re.DOTALL)

@@ -216,6 +216,12 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"pyvmm: {result.message}", file=sys.stderr)
         if result.registers:
             print(result.registers, file=sys.stderr)
+    if result.serial_dropped:
+        print(
+            f"pyvmm: warning: {result.serial_dropped} bytes of serial output dropped:"
+            " the reader of stdout stopped reading",
+            file=sys.stderr,
+        )
     if args.stats:
         for line in result.stats_lines():
             print(f"pyvmm: stats: {line}", file=sys.stderr)

@@ -45,6 +45,8 @@ class RunResult:
     vcpu: int | None = None  #: the vCPU that ended the run, if one did
     registers: str = ""  #: register dump of that vCPU, for failures
     serial: bytes = b""  #: captured UART output (serial='capture')
+    #: UART output bytes dropped because the reader of a pipe or terminal stopped reading.
+    serial_dropped: int = 0
     unclaimed_pio: Unclaimed = field(default_factory=Unclaimed)
     unclaimed_mmio: Unclaimed = field(default_factory=Unclaimed)
     exits: int = 0  #: exits from KVM_RUN, all vCPUs

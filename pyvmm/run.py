@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -17,6 +18,9 @@ from pyvmm.bus import NativeHandler
 from pyvmm.errors import DeviceHandlerError, ExitStatus
 from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import VcpuRunner, VcpuStop
+
+#: Seconds a kicked vCPU thread may take to end before pyvmm says which one is stuck.
+_STUCK_AFTER = 5.0
 
 
 class MachineRun:
@@ -79,11 +83,26 @@ class MachineRun:
             self.timed_out = not self.done.wait(self.timeout)
         finally:
             self._stop_all()
-            for thread in threads:
-                thread.join()
+            for runner, thread in zip(self.runners, threads, strict=True):
+                self._join(runner, thread)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self._build_result(time.monotonic() - started)
+
+    def _join(self, runner: VcpuRunner, thread: threading.Thread) -> None:
+        # A kicked vCPU ends within an exit: immediate_exit stays set, so KVM_RUN returns at
+        # once, and no native handler blocks (the UART never writes to a consumer on the vCPU
+        # thread). Only a Python device handler that blocks can hold one, and that thread
+        # cannot be abandoned: it uses the kvm_run page and guest RAM, and freeing them under
+        # it would crash the process. So the wait goes on, but says what it waits for.
+        thread.join(_STUCK_AFTER)
+        if thread.is_alive():
+            print(
+                f"pyvmm: warning: vCPU {runner.vcpu.index} has not stopped {_STUCK_AFTER:g} s"
+                f" after the stop: its device handler ({runner.access_range_name()}) is blocked",
+                file=sys.stderr,
+            )
+            thread.join()
 
     def _build_result(self, elapsed: float) -> RunResult:
         machine = self.machine
@@ -136,7 +155,8 @@ class MachineRun:
             loop = runner.loop
             _add_unclaimed(result.unclaimed_pio, loop.unclaimed_pio)
             _add_unclaimed(result.unclaimed_mmio, loop.unclaimed_mmio)
-        machine.serial.flush()
+        # Bounded (serial.FLUSH_TIMEOUT): a consumer that stopped reading loses the rest.
+        result.serial_dropped = machine.serial.flush()
         with contextlib.suppress(ValueError):
             result.serial = machine.serial.captured()
         return result

@@ -143,6 +143,10 @@ void pyvmm_uart_set_vm_fd(struct pyvmm_uart *uart, int vm_fd);
 void pyvmm_uart_free(struct pyvmm_uart *uart);
 void pyvmm_uart_push_input(struct pyvmm_uart *uart, const uint8_t *bytes, uint32_t length);
 int pyvmm_uart_flush(struct pyvmm_uart *uart);
+/* Flush, and wait up to timeout_ms for a stalled consumer to take the ring; what is left is
+ * dropped. Returns the total dropped so far. */
+uint64_t pyvmm_uart_drain(struct pyvmm_uart *uart, uint32_t timeout_ms);
+uint64_t pyvmm_uart_dropped(struct pyvmm_uart *uart);
 uint64_t pyvmm_uart_bytes_out(struct pyvmm_uart *uart);
 /* cdef-end */
 

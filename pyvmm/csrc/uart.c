@@ -1,20 +1,17 @@
 /*
  * A 16550A UART, as in the PC's COM1: the register file a guest driver programs, a
- * transmit path that never stalls (bytes go, line-buffered, to the output fd), a
- * receive FIFO that Python fills from stdin, and the interrupt line (IRQ 4 on a PC)
- * raised through KVM_IRQ_LINE when the guest enabled an interrupt that is pending.
+ * transmit path that never stalls (uart_tx.c), a receive FIFO that Python fills from
+ * stdin, and the interrupt line (IRQ 4 on a PC) raised through KVM_IRQ_LINE when the guest
+ * enabled an interrupt that is pending.
  *
  * It lives in C because a guest printing a line polls LSR and writes THR once per byte:
  * two exits per byte, which must not each cost a trip through Python.
  */
-#include <errno.h>
-#include <pthread.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/ioctl.h>
-#include <unistd.h>
 
 #include "pyvmm.h"
+#include "uart_private.h"
 
 enum {
 	UART_RBR_THR = 0, UART_IER = 1, UART_IIR_FCR = 2, UART_LCR = 3,
@@ -36,24 +33,6 @@ enum {
 #define MCR_LOOP 0x10
 #define MSR_LOOPBACK_IDLE 0xb0 /* DCD, DSR, CTS asserted: "a terminal is attached" */
 
-#define RX_SIZE 4096
-#define TX_SIZE 4096
-
-struct pyvmm_uart {
-	pthread_mutex_t lock;
-	int out_fd;
-	int vm_fd;
-	uint32_t irq;
-	int irq_level;
-	uint8_t ier, fcr, lcr, mcr, scr, dll, dlm;
-	int thri_pending;
-	uint8_t rx[RX_SIZE];
-	uint32_t rx_head, rx_count;
-	uint8_t tx[TX_SIZE];
-	uint32_t tx_count;
-	uint64_t bytes_out;
-};
-
 void pyvmm_uart_set_vm_fd(struct pyvmm_uart *uart, int vm_fd)
 {
 	uart->vm_fd = vm_fd;
@@ -71,6 +50,11 @@ struct pyvmm_uart *pyvmm_uart_new(int out_fd, int vm_fd, uint32_t irq)
 	uart->irq = irq;
 	uart->dll = 12; /* 9600 baud, what firmware leaves behind */
 	uart->lcr = 0x03;
+	if (uart_tx_open(uart) < 0) {
+		pthread_mutex_destroy(&uart->lock);
+		free(uart);
+		return NULL;
+	}
 	return uart;
 }
 
@@ -78,36 +62,9 @@ void pyvmm_uart_free(struct pyvmm_uart *uart)
 {
 	if (!uart)
 		return;
+	uart_tx_close(uart);
 	pthread_mutex_destroy(&uart->lock);
 	free(uart);
-}
-
-static int tx_flush_locked(struct pyvmm_uart *uart)
-{
-	uint32_t written = 0;
-
-	while (written < uart->tx_count) {
-		ssize_t done = write(uart->out_fd, uart->tx + written, uart->tx_count - written);
-		if (done < 0) {
-			if (errno == EINTR)
-				continue;
-			uart->tx_count = 0;
-			return -errno; /* a closed reader must not wedge the guest */
-		}
-		written += done;
-	}
-	uart->tx_count = 0;
-	return 0;
-}
-
-int pyvmm_uart_flush(struct pyvmm_uart *uart)
-{
-	int result;
-
-	pthread_mutex_lock(&uart->lock);
-	result = tx_flush_locked(uart);
-	pthread_mutex_unlock(&uart->lock);
-	return result;
 }
 
 uint64_t pyvmm_uart_bytes_out(struct pyvmm_uart *uart)
@@ -143,11 +100,7 @@ static void transmit_locked(struct pyvmm_uart *uart, uint8_t byte)
 			uart->rx[(uart->rx_head + uart->rx_count++) % RX_SIZE] = byte;
 		return;
 	}
-	uart->tx[uart->tx_count++] = byte;
-	uart->bytes_out++;
-	/* Line-buffered, so interactive output and test logs show whole lines promptly. */
-	if (byte == '\n' || uart->tx_count == TX_SIZE)
-		tx_flush_locked(uart);
+	uart_tx_byte_locked(uart, byte);
 }
 
 static uint8_t read_register(struct pyvmm_uart *uart, uint64_t offset)
