@@ -152,6 +152,13 @@ class Machine:
         bus.add(slot, function)
         return slot
 
+    def place_memory_bar(self, size: int, is_64: bool) -> int:
+        """Place a memory BAR for an emulated function, as pyvmm places assigned devices'
+        (pci/resources.py); returns its address. A 64-bit BAR above RAM joins the identity
+        map and the DSDT's window."""
+        self._enable_pci()
+        return self._resources.memory(size, is_64)
+
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.
 
