@@ -134,7 +134,7 @@ def plan_identity_map(protocol: str, ram_top: int, device_top: int = 0) -> int:
     if gigabytes > limit:
         raise ConfigurationError(
             f"the guest-physical space to map is {gigabytes} GiB (RAM and BARs), more than "
-            f"the {limit} GiB pyvmm's boot page tables map for a {protocol} guest: lower "
+            f"the {limit} GiB pyvmm's boot page tables map for {protocol} guests: lower "
             "--memory or assign smaller devices"
         )
     check_layout(boot_regions(protocol, gigabytes))
