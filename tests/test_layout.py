@@ -36,9 +36,47 @@ from tests.test_multiboot import aout_kernel
 
 #: Every guest here ends at once; this is a generous bound for the software KVM.
 TIMEOUT = 60
-#: The stand-in kernel: 0x200 bytes to the 64-bit entry, then outb(0xF4, 0): exit status 1.
-EXIT_KERNEL = b"\x90" * 0x200 + bytes.fromhex("b000e6f4") + b"\xf4" * 0xDFC
 SIXTEEN_GIB = 16 * GIB
+#: Where pyvmm places a 16 GiB 64-bit BAR with little RAM: the window starts at 4 GiB, the
+#: BAR is naturally aligned.
+BAR_ADDRESS = SIXTEEN_GIB
+#: What the emulated BAR answers: the stand-in kernel exits with it.
+BAR_VALUE = 0x2A
+
+
+def bar_reading_kernel(address: int) -> bytes:
+    """The stand-in kernel: 0x200 bytes to the 64-bit entry, then mov rax, address;
+    mov eax, [rax]; out 0xF4, al (exit status (value << 1) | 1); hlt."""
+    code = b"\x48\xb8" + struct.pack("<Q", address) + bytes.fromhex("8b00" "e6f4" "f4")
+    return (b"\x90" * 0x200 + code).ljust(4096, b"\xf4")
+
+
+class Bar64Function:
+    """An emulated PCI function with one 64-bit memory BAR (BAR0/BAR1) at a given address."""
+
+    def __init__(self, address: int) -> None:
+        self.space = bytearray(256)
+        struct.pack_into("<HH", self.space, 0, 0x1234, 0x5678)
+        struct.pack_into("<II", self.space, 0x10, (address & 0xFFFFFFF0) | 0x4, address >> 32)
+
+    def config_read(self, offset: int, size: int) -> int:
+        """The function's configuration space, read-only."""
+        return int.from_bytes(self.space[offset : offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """Writes are ignored: the BAR stays where pyvmm placed it."""
+
+
+class BarRegisters:
+    """The BAR's contents: every read answers BAR_VALUE; counts the reads."""
+
+    def __init__(self) -> None:
+        self.reads: list[int] = []
+
+    def __call__(self, offset: int, data: memoryview, is_write: bool) -> None:
+        if not is_write:
+            self.reads.append(offset)
+            data[:] = BAR_VALUE.to_bytes(len(data), "little")
 
 
 # ---- the layout itself ---------------------------------------------------------------------
@@ -197,20 +235,28 @@ def test_an_initrd_that_would_overlap_the_decompression_window(tmp_path: Path, m
 def test_linux_boot_with_a_16_gib_bar_keeps_the_zero_page_and_command_line(
     kvm_required, tmp_path: Path
 ) -> None:
+    """The page tables grow to map the BAR (the kernel reads its last dword through them),
+    and the zero page and command line, written before them, are intact."""
+    last_dword = BAR_ADDRESS + SIXTEEN_GIB - 4
     path = tmp_path / "bzImage"
-    path.write_bytes(bzimage(kernel=EXIT_KERNEL))
+    path.write_bytes(bzimage(kernel=bar_reading_kernel(last_dword)))
     cmdline = "console=ttyS0 " + "x" * 1500
+    registers = BarRegisters()
     with Machine(memory="64M", serial="capture") as machine:
         machine.load(path, append=cmdline)
         zero_page = machine.memory.read(LINUX_ZERO_PAGE.start, LINUX_ZERO_PAGE.size)
         bar = machine.place_memory_bar(SIXTEEN_GIB, True)
+        assert bar == BAR_ADDRESS
+        machine.add_pci_function(Bar64Function(bar))
+        machine.add_mmio(bar, SIXTEEN_GIB, registers, "16 GiB BAR0")
         result = machine.run(timeout=TIMEOUT)
-        assert result.exit_status == 1, result.message
+        assert result.exit_status == (BAR_VALUE << 1) | 1, result.message
+        assert registers.reads == [SIXTEEN_GIB - 4]
         # run() wrote the page tables for [0, 32 GiB) after the zero page and command line.
-        assert bar == SIXTEEN_GIB
         last = bar + SIXTEEN_GIB - 2 * MIB
         directory_entry = PAGE_DIRECTORIES_START + (last >> 21) * 8
-        assert struct.unpack("<Q", machine.memory.read(directory_entry, 8))[0] == last | 0x83
+        entry = struct.unpack("<Q", machine.memory.read(directory_entry, 8))[0]
+        assert entry & ~0x60 == last | 0x83  # present, writable, 2 MiB (the CPU sets A/D)
         assert machine.memory.read(LINUX_ZERO_PAGE.start, LINUX_ZERO_PAGE.size) == zero_page
         line = machine.memory.read(LINUX_COMMAND_LINE.start, len(cmdline) + 1)
         assert line == cmdline.encode() + b"\0"
@@ -224,7 +270,7 @@ def test_multiboot_boot_with_a_16_gib_bar_keeps_its_information(
         machine.load(path, append="multiboot cmdline")
         info_area = (MULTIBOOT_MMAP.start, MULTIBOOT_INFO.end - MULTIBOOT_MMAP.start)
         before = machine.memory.read(*info_area)
-        machine.place_memory_bar(SIXTEEN_GIB, True)
+        machine.add_pci_function(Bar64Function(machine.place_memory_bar(SIXTEEN_GIB, True)))
         result = machine.run(timeout=TIMEOUT)
         assert result.exit_status % 2 == 0, result.message  # powered off, not a guest error
         assert machine.memory.read(*info_area) == before
