@@ -144,8 +144,7 @@ def map_size_gib(plan: BootPlan, memory: GuestMemory, device_top: int = 0) -> in
     if plan.mode is not CpuMode.LONG:
         check_layout(boot_regions(plan.protocol.value, FIRMWARE_MAP_GIB))
         return FIRMWARE_MAP_GIB
-    gigabytes = plan_identity_map(plan.protocol.value, memory.top, device_top)
-    return gigabytes
+    return plan_identity_map(plan.protocol.value, memory.top, device_top)
 
 
 class Firmware:

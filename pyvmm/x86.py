@@ -13,7 +13,15 @@ import numpy as np
 
 from pyvmm._native import ffi
 from pyvmm.kvm import Cdata, Vcpu
-from pyvmm.layout import BOOT_GDT, PAGE_DIRECTORIES_START, PDPT, PML4, plan_identity_map
+from pyvmm.layout import (
+    BOOT_GDT,
+    PAGE_DIRECTORIES_START,
+    PDPT,
+    PML4,
+    boot_regions,
+    check_layout,
+    plan_identity_map,
+)
 from pyvmm.memory import GuestMemory
 
 #: GDT selectors (docs/guest-abi.md).
@@ -53,6 +61,7 @@ def write_boot_tables(
         return
     memory.view(BOOT_GDT.start, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
     if mode is not CpuMode.LONG:
+        check_layout(boot_regions(protocol, 0))
         return
     gigabytes = plan_identity_map(protocol, memory.top, device_top)
     memory.view(PML4.start, 8, np.uint64)[0] = PDPT.start | PAGE_PRESENT | PAGE_WRITE
