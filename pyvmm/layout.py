@@ -2,7 +2,7 @@
 
 Below 1 MiB (docs/guest-abi.md's memory map):
 
-    0x1000   the boot GDT; the firmware's boot record (0x1100-0x1EFF) and stack (to 0x1FFF)
+    0x1000   the boot GDT; the firmware's data (0x1020), boot record (0x1100) and stack (0x1F00)
     0x2000   the PML4, 0x3000 the PDPT
     0x4000   the page directories: one per GiB the identity map covers, growing up
     0x9000   multiboot: the memory map, then the information structure at 0x9500
@@ -47,6 +47,8 @@ class Region:
 
 
 BOOT_GDT = Region("the boot GDT", 0x1000, 32)
+#: The firmware's fw_cfg DMA structure, the kernel's GDTR, its GO flag and a directory entry.
+FIRMWARE_DATA = Region("the firmware's data", 0x1020, 0xE0)
 FIRMWARE_RECORD = Region("the firmware's boot record", 0x1100, 0xE00)
 FIRMWARE_STACK = Region("the firmware's stack", 0x1F00, 0x100)
 #: The firmware's boot page: the GDT, its record and its stack (firmware/pyvmm-fw.S).
@@ -88,7 +90,7 @@ HIGH_WINDOW_SIZE = 32 * GIB
 
 #: What every guest may have in low memory besides its protocol's own regions.
 COMMON_REGIONS = (
-    BOOT_GDT, FIRMWARE_RECORD, FIRMWARE_STACK, PML4, PDPT, ACPI_TABLES, MP_TABLE,
+    BOOT_GDT, FIRMWARE_DATA, FIRMWARE_RECORD, FIRMWARE_STACK, PML4, PDPT, ACPI_TABLES, MP_TABLE,
     VMX_IDENTITY_MAP, VMX_TSS, FIRMWARE_ROM,
 )  # fmt: skip
 #: Each boot protocol's own regions (boot.BootProtocol's values).
