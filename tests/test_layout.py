@@ -275,3 +275,21 @@ def test_multiboot_boot_with_a_16_gib_bar_keeps_its_information(
         assert result.exit_status % 2 == 0, result.message  # powered off, not a guest error
         assert machine.memory.read(*info_area) == before
         assert before != bytes(len(before))
+
+
+def test_linux_through_the_firmware_with_a_16_gib_bar(kvm_required, tmp_path: Path) -> None:
+    """The firmware builds the same identity map (32 GiB: to the BAR's end) from the record,
+    and the kernel it enters reads the BAR through it."""
+    path = tmp_path / "bzImage"
+    path.write_bytes(bzimage(kernel=bar_reading_kernel(BAR_ADDRESS + 8)))
+    registers = BarRegisters()
+    with Machine(memory="64M", serial="capture", firmware=True) as machine:
+        machine.load(path, append="console=ttyS0")
+        bar = machine.place_memory_bar(SIXTEEN_GIB, True)
+        machine.add_pci_function(Bar64Function(bar))
+        machine.add_mmio(bar, SIXTEEN_GIB, registers, "16 GiB BAR0")
+        result = machine.run(timeout=TIMEOUT)
+        assert result.exit_status == (BAR_VALUE << 1) | 1, result.serial_text + result.message
+        assert registers.reads == [8]
+        line = machine.memory.read(LINUX_COMMAND_LINE.start, 14)
+        assert line == b"console=ttyS0\0"
