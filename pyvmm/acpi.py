@@ -46,21 +46,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm.errors import ConfigurationError
-from pyvmm.memory import GIB
+from pyvmm.layout import (
+    ACPI_TABLES,
+    ACPI_TABLES_START,
+    FACS_ADDRESS,
+    RSDP_ADDRESS,
+    high_window,
+)
 from pyvmm.pci.config import intx_gsi
 from pyvmm.pci.host import ECAM_BASE, ECAM_SIZE, SLOTS
-from pyvmm.pci.resources import IO_WINDOW, MEMORY_WINDOW, PciResources
+from pyvmm.pci.resources import IO_WINDOW, MEMORY_WINDOW
 
 if TYPE_CHECKING:
     from pyvmm.bus import Bus
     from pyvmm.memory import GuestMemory
 
 # ---- where things are ------------------------------------------------------------------
-RSDP_ADDRESS = 0xE_0000
-FACS_ADDRESS = 0xE_0040
-TABLES_START = 0xE_0080
-#: The ACPI tables end below here; the MP table has 0xF0000-0xFFFFF.
-ACPI_AREA_END = 0xF_0000
+#: The ACPI tables end below here; the MP table follows (layout.py).
+ACPI_AREA_END = ACPI_TABLES.end
 
 LOCAL_APIC_ADDRESS = 0xFEE0_0000
 IOAPIC_ADDRESS = 0xFEC0_0000
@@ -76,9 +79,6 @@ RTC_CENTURY_INDEX = 0x32
 #: \_S5's SLP_TYPa: any value with SLP_EN powers pyvmm off; 0 is QEMU's and makes the
 #: OS's write 0x2000, docs/guest-abi.md's power-off value.
 S5_SLEEP_TYPE = 0
-#: The 64-bit PCI window above RAM: where pci/resources.py puts 64-bit BARs that do not fit
-#: below 4 GiB. Its size is QEMU q35's default pci-hole64-size.
-HIGH_WINDOW_SIZE = 32 * GIB
 
 # ---- the common table header (ACPI 6.5, 5.2.6) -----------------------------------------
 OEM_ID = b"PYVMM "
@@ -321,7 +321,7 @@ def resource_qword_memory(minimum: int, maximum: int) -> bytes:
 def build_dsdt(cpus: int, ram_top: int = 0) -> bytes:
     """The DSDT: processors, the PCI root bridge and its resources, and \\_S5."""
     bus_count = ECAM_SIZE >> 20
-    high_base = PciResources(ram_top).next_high  # where 64-bit BARs go above RAM
+    high_base, high_end = high_window(ram_top)  # where 64-bit BARs go above RAM
     # ASL:  Device (CXXX) { Name (_HID, "ACPI0007")  Name (_UID, index) }
     # One per vCPU: the namespace object an OS matches to the MADT entry by UID.
     processors = [
@@ -337,7 +337,7 @@ def build_dsdt(cpus: int, ram_top: int = 0) -> bytes:
     #                   0, 0xC000, 0xFFFF, 0, 0x4000)
     #           DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed,
     #                        NonCacheable, ReadWrite, 0, 0xC0000000, 0xCFFFFFFF, 0, 0x10000000)
-    #           QWordMemory (..., high_base, high_base + 32 GiB - 1, ...) })
+    #           QWordMemory (..., high_base, high_end - 1, ...) })
     # The configuration ports are the bridge's own (consumed, hence plain IO); the others
     # are the windows devices behind it decode.
     crs = resource_template(
@@ -345,7 +345,7 @@ def build_dsdt(cpus: int, ram_top: int = 0) -> bytes:
         resource_io(0xCF8, 0xCF8, 1, 8),
         resource_word_address(RESOURCE_IO, IO_ENTIRE_RANGE, IO_WINDOW[0], IO_WINDOW[1] - 1),
         resource_dword_memory(MEMORY_WINDOW[0], MEMORY_WINDOW[1] - 1),
-        resource_qword_memory(high_base, high_base + HIGH_WINDOW_SIZE - 1),
+        resource_qword_memory(high_base, high_end - 1),
     )
     # ASL:  Name (_PRT, Package () { Package () { 0xSSSSFFFF, pin, Zero, gsi }, ... })
     # Every slot's INTA-INTD, hard-wired to a GSI (source Zero), as pci/config.py wires them.
@@ -490,7 +490,7 @@ def build_acpi_tables(cpus: int, ram_top: int = 0) -> AcpiTables:
     if not 1 <= cpus <= 0xFF:
         raise ConfigurationError(f"ACPI tables describe 1 to 255 vCPUs, not {cpus}")
     tables: dict[str, tuple[int, bytes]] = {"FACS": (FACS_ADDRESS, build_facs())}
-    next_free = TABLES_START
+    next_free = ACPI_TABLES_START
 
     def place(signature: str, data: bytes) -> int:
         nonlocal next_free

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyvmm.memory import ECAM_BASE, ECAM_SIZE, HIGH_RAM_START, MIB, PAGE_SIZE, GuestMemory
-from pyvmm.x86 import VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS
+from pyvmm.layout import VMX_IDENTITY_MAP, VMX_TSS
+from pyvmm.memory import ECAM_BASE, ECAM_SIZE, HIGH_RAM_START, MIB, GuestMemory
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -45,8 +45,8 @@ def memory_map(memory: GuestMemory) -> list[MemoryRange]:
     ]
     if low.end > MIB:
         ranges.append(MemoryRange(MIB, low.end - MIB, E820_RAM))
-    vmx_start = min(VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS)
-    vmx_end = max(VMX_IDENTITY_MAP_ADDRESS + PAGE_SIZE, VMX_TSS_ADDRESS + 3 * PAGE_SIZE)
+    vmx_start = min(VMX_IDENTITY_MAP.start, VMX_TSS.start)
+    vmx_end = max(VMX_IDENTITY_MAP.end, VMX_TSS.end)
     ranges.append(MemoryRange(ECAM_BASE, ECAM_SIZE, E820_RESERVED))
     ranges.append(MemoryRange(vmx_start, vmx_end - vmx_start, E820_RESERVED))
     ranges += [

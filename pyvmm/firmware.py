@@ -50,11 +50,20 @@ from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.imagefile import open_regular
 from pyvmm.ioctl import Cdata
 from pyvmm.kvm import Vcpu, Vm
+from pyvmm.layout import (
+    BOOT_GDT,
+    BOOT_PAGE,
+    FIRMWARE_RECORD,
+    PAGE_DIRECTORIES_START,
+    boot_regions,
+    check_layout,
+    plan_identity_map,
+)
 from pyvmm.linux import COMMAND_LINE, LINUX_GDT
-from pyvmm.memory import GIB, PAGE_SIZE, GuestMemory, MemorySlots
+from pyvmm.memory import PAGE_SIZE, GuestMemory, MemorySlots
 from pyvmm.mptable import FLOATING_POINTER_ADDRESS, MP_AREA_END
 from pyvmm.multiboot import BOOT_LOADER_NAME, INFO_SIZE, MMAP_ADDRESS
-from pyvmm.x86 import GDT_ADDRESS, PAGE_TABLES_END, PD_ADDRESS, CpuMode, vcpu_cpuid
+from pyvmm.x86 import CpuMode, vcpu_cpuid
 
 #: The image: the last 64 KiB below 4 GiB, the reset vector 16 bytes from its end.
 ROM_SIZE = 0x10000
@@ -79,10 +88,9 @@ BLOB = struct.Struct("<QIHH")
 PROTOCOL_CODES = {BootProtocol.ELF: 0, BootProtocol.MULTIBOOT: 1, BootProtocol.LINUX: 2}
 MODE_CODES = {CpuMode.LONG: 0, CpuMode.PROTECTED: 1}
 
-#: The firmware's RAM (firmware/pyvmm-fw.S): the boot page, where the record is read to,
-#: and the identity map from 0x2000 (a page directory per GiB from PD_ADDRESS).
-BOOT_PAGE = 0x1000
-RECORD_ADDRESS, RECORD_END = 0x1100, 0x1F00
+#: The firmware's RAM (firmware/pyvmm-fw.S, layout.py): the boot page, where the record is
+#: read to, and the identity map from 0x2000 (a page directory per GiB from 0x4000).
+RECORD_ADDRESS, RECORD_END = FIRMWARE_RECORD.start, FIRMWARE_RECORD.end
 MAX_BLOBS = (RECORD_END - RECORD_ADDRESS - RECORD.size) // BLOB.size
 #: The firmware maps this much for itself: RAM below the hole and its own ROM.
 FIRMWARE_MAP_GIB = 4
@@ -135,14 +143,9 @@ def map_size_gib(plan: BootPlan, memory: GuestMemory, device_top: int = 0) -> in
     """GiB of identity map the kernel is entered with: as x86.write_boot_tables maps them
     for long mode; for protected mode (paging off) what the firmware maps for itself."""
     if plan.mode is not CpuMode.LONG:
+        check_layout(boot_regions(plan.protocol.value, FIRMWARE_MAP_GIB))
         return FIRMWARE_MAP_GIB
-    gigabytes = max(4 * GIB, memory.top + GIB - 1, device_top + GIB - 1) // GIB
-    if PD_ADDRESS + gigabytes * PAGE_SIZE > PAGE_TABLES_END:
-        raise ConfigurationError(
-            f"{gigabytes} GiB of guest-physical space is more than pyvmm's boot page tables "
-            "map: use at most 150G of --memory"
-        )
-    return gigabytes
+    return plan_identity_map(plan.protocol.value, memory.top, device_top)
 
 
 class Firmware:
@@ -232,7 +235,7 @@ class Firmware:
             MODE_CODES[plan.mode],
             len(blobs),
             map_gib,
-            LINUX_GDT if plan.protocol is BootProtocol.LINUX else GDT_ADDRESS,
+            LINUX_GDT if plan.protocol is BootProtocol.LINUX else BOOT_GDT.start,
             0,
             plan.image.entry,
             registers["rax"],
@@ -296,7 +299,7 @@ def _check_blobs(blobs: list[Blob], map_gib: int) -> None:
             f"the boot has {len(blobs)} pieces for the firmware to load, more than the "
             f"{MAX_BLOBS} its boot record holds: use fewer --initrd modules"
         )
-    reserved_end = PD_ADDRESS + map_gib * PAGE_SIZE
+    reserved_end = PAGE_DIRECTORIES_START + map_gib * PAGE_SIZE
     for blob in blobs:
         if blob.address < reserved_end and BOOT_PAGE < blob.address + blob.length:
             raise ConfigurationError(

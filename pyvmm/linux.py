@@ -8,8 +8,11 @@ What a boot loader does, done here:
    page"), then fill in what the loader owns: type_of_loader, loadflags, the command line
    pointer, the initrd, and the e820 memory map.
 2. Load the protected-mode kernel (everything after the real-mode setup sectors) at 1 MiB,
-   where a non-relocated kernel runs, with RAM for its init_size behind it.
-3. Put the initrd as high as initrd_addr_max and RAM below the PCI hole allow.
+   and check RAM holds the window it decompresses into: init_size bytes from its runtime
+   start (pref_address; for a relocatable kernel the load address aligned up to
+   kernel_alignment, if that is higher).
+3. Put the initrd as high as initrd_addr_max and RAM below the PCI hole allow, above that
+   window.
 4. Enter at load address + 0x200 in 64-bit mode, paging on with an identity map, CS =
    __BOOT_CS (0x10) and DS/ES/SS = __BOOT_DS (0x18) from a GDT that describes them,
    interrupts off, RSI = the zero page.
@@ -30,15 +33,8 @@ from pyvmm.e820 import memory_map
 from pyvmm.errors import GuestImageError
 from pyvmm.imagefile import read_regular
 from pyvmm.kvm import Vcpu
-from pyvmm.memory import (
-    GIB,
-    HIGH_RAM_START,
-    MIB,
-    MMIO_HOLE_START,
-    PAGE_SIZE,
-    GuestMemory,
-    describe_size,
-)
+from pyvmm.layout import LINUX_COMMAND_LINE, LINUX_GDT_REGION, LINUX_ZERO_PAGE
+from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory, describe_size
 
 SETUP_HEADER = 0x1F1
 HDRS_MAGIC = 0x53726448  # "HdrS"
@@ -49,19 +45,14 @@ XLF_KERNEL_64 = 0x01
 TYPE_OF_LOADER_UNDEFINED = 0xFF  # no assigned loader ID
 
 KERNEL_LOAD_ADDRESS = 0x100000
-#: Where pyvmm puts the zero page, the command line and the GDT Linux asks for: below the
-#: kernel, above pyvmm's own page tables (0x2000-0x9FFFF holds at most the identity map).
-ZERO_PAGE = 0x10000
-COMMAND_LINE = 0x20000
-COMMAND_LINE_MAX = 0x10000
-LINUX_GDT = 0x30000
+#: Where pyvmm puts the zero page, the command line and the GDT Linux asks for (layout.py).
+ZERO_PAGE = LINUX_ZERO_PAGE.start
+COMMAND_LINE = LINUX_COMMAND_LINE.start
+COMMAND_LINE_MAX = LINUX_COMMAND_LINE.size
+LINUX_GDT = LINUX_GDT_REGION.start
 BOOT_CS, BOOT_DS = 0x10, 0x18
 #: null, null, __BOOT_CS: 64-bit code, __BOOT_DS: flat data.
 LINUX_GDT_ENTRIES = (0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
-#: pyvmm's identity map takes a page directory per GiB from 0x4000 on: up to 12 GiB of RAM
-#: they stay below the zero page.
-MAX_RAM = 12 << 30
-MMIO_HOLE_SIZE = HIGH_RAM_START - MMIO_HOLE_START
 
 # Offsets in struct boot_params (arch/x86/include/uapi/asm/bootparam.h).
 EXT_RAMDISK_IMAGE, EXT_RAMDISK_SIZE, EXT_CMD_LINE_PTR = 0x0C0, 0x0C4, 0x0C8
@@ -70,7 +61,8 @@ E820_ENTRIES, E820_TABLE, E820_MAX = 0x1E8, 0x2D0, 128
 SETUP_SECTS, BOOT_FLAG, HEADER, VERSION = 0x1F1, 0x1FE, 0x202, 0x206
 TYPE_OF_LOADER, LOADFLAGS, RAMDISK_IMAGE, RAMDISK_SIZE = 0x210, 0x211, 0x218, 0x21C
 HEAP_END_PTR, CMD_LINE_PTR, INITRD_ADDR_MAX = 0x224, 0x228, 0x22C
-XLOADFLAGS, CMDLINE_SIZE, INIT_SIZE = 0x236, 0x238, 0x260
+KERNEL_ALIGNMENT, RELOCATABLE_KERNEL = 0x230, 0x234
+XLOADFLAGS, CMDLINE_SIZE, PREF_ADDRESS, INIT_SIZE = 0x236, 0x238, 0x258, 0x260
 
 
 @dataclass(frozen=True)
@@ -131,15 +123,15 @@ def load_linux(
     kernel = memoryview(image)[kernel_offset:]
     if not len(kernel):
         raise _fail(path, "truncated: no protected-mode kernel after the setup sectors")
+    window = decompression_window(image)
     low_top = memory.regions[0].end
-    if KERNEL_LOAD_ADDRESS + max(len(kernel), init_size) > low_top:
-        need = (KERNEL_LOAD_ADDRESS + max(len(kernel), init_size)) // MIB + 1
-        raise _fail(path, f"needs at least {need} MiB of RAM to decompress: raise --memory")
-    if memory.top > MAX_RAM:
-        raise GuestImageError(
-            f"a Linux guest gets at most --memory {(MAX_RAM - MMIO_HOLE_SIZE) // GIB}G here "
-            f"(RAM above the 3 GiB hole resumes at 4 GiB, and the boot page tables map up to "
-            f"{MAX_RAM // GIB} GiB before they reach the zero page): lower --memory"
+    kernel_end = max(window[1], KERNEL_LOAD_ADDRESS + len(kernel))
+    if kernel_end > low_top:
+        raise _fail(
+            path,
+            f"runs from {window[0]:#x} and needs {init_size:#x} bytes there (init_size), up to "
+            f"{kernel_end:#x}, but RAM below the 3 GiB hole ends at {low_top:#x}: it needs at "
+            f"least {kernel_end // MIB + 1} MiB of RAM to decompress: raise --memory",
         )
     # The command line is bytes, as typed (a str's non-UTF-8 bytes are surrogate escapes).
     encoded = os.fsencode(cmdline) + b"\0"
@@ -169,7 +161,7 @@ def load_linux(
     put(CMD_LINE_PTR, "<I", COMMAND_LINE)
     placed = None
     if initrd is not None:
-        placed = _load_initrd(memory, Path(initrd), image, KERNEL_LOAD_ADDRESS + init_size)
+        placed = _load_initrd(memory, Path(initrd), image, kernel_end)
         put(RAMDISK_IMAGE, "<I", placed[0])
         put(RAMDISK_SIZE, "<I", placed[1])
     table = memory_map(memory)[:E820_MAX]
@@ -183,6 +175,23 @@ def load_linux(
     return LinuxImage(path, entry, ZERO_PAGE, KERNEL_LOAD_ADDRESS, len(kernel), protocol, placed)
 
 
+def decompression_window(image: bytes) -> tuple[int, int]:
+    """[start, end) of the RAM a bzImage loaded at KERNEL_LOAD_ADDRESS runs and decompresses in.
+
+    boot.rst: a relocatable kernel runs at its load address raised to pref_address and
+    aligned up to kernel_alignment (what compressed/head_64.S computes); a non-relocatable
+    one at pref_address, its fixed LOAD_PHYSICAL_ADDR. It needs init_size bytes from there.
+    """
+    pref_address = struct.unpack_from("<Q", image, PREF_ADDRESS)[0] or KERNEL_LOAD_ADDRESS
+    init_size = struct.unpack_from("<I", image, INIT_SIZE)[0]
+    if image[RELOCATABLE_KERNEL]:
+        alignment = struct.unpack_from("<I", image, KERNEL_ALIGNMENT)[0] or 1
+        start = -(-max(KERNEL_LOAD_ADDRESS, pref_address) // alignment) * alignment
+    else:
+        start = pref_address
+    return start, start + init_size
+
+
 def _load_initrd(memory: GuestMemory, path: Path, image: bytes, kernel_end: int) -> tuple[int, int]:
     low = memory.regions[0].end
     data = read_regular(path, "initrd", low, f"RAM below the 3 GiB hole ({describe_size(low)})")
@@ -191,9 +200,9 @@ def _load_initrd(memory: GuestMemory, path: Path, image: bytes, kernel_end: int)
     address = (top - len(data)) & ~(PAGE_SIZE - 1)
     if address < kernel_end:
         raise GuestImageError(
-            f"the initrd {path} ({describe_size(len(data))}) does not fit in RAM above the "
-            f"kernel: [{kernel_end:#x}, {top:#x}) holds {describe_size(max(0, top - kernel_end))}"
-            ": raise --memory"
+            f"the initrd {path} ({describe_size(len(data))}) does not fit between the end of the "
+            f"kernel's decompression window {kernel_end:#x} and {top:#x} (initrd_addr_max "
+            f"{addr_max:#x} or the end of RAM below the 3 GiB hole): raise --memory"
         )
     memory.write(address, data)
     return address, len(data)

@@ -31,6 +31,7 @@ from pyvmm.errors import ConfigurationError
 from pyvmm.firmware import Firmware
 from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm, Vcpu
+from pyvmm.layout import VMX_IDENTITY_MAP, VMX_TSS
 from pyvmm.loader import LoadedImage
 from pyvmm.memory import GuestMemory, MemorySlots
 from pyvmm.pci.config import PciFunction
@@ -41,8 +42,6 @@ from pyvmm.result import RunResult
 from pyvmm.run import MachineRun
 from pyvmm.vcpu import KICK_SIGNAL
 from pyvmm.x86 import (
-    VMX_IDENTITY_MAP_ADDRESS,
-    VMX_TSS_ADDRESS,
     CpuMode,
     setup_vcpu,
     setup_waiting_vcpu,
@@ -115,8 +114,8 @@ class Machine:
             raise
 
     def _setup_vm(self) -> None:
-        self.vm.set_tss_addr(VMX_TSS_ADDRESS)
-        self.vm.set_identity_map_addr(VMX_IDENTITY_MAP_ADDRESS)
+        self.vm.set_tss_addr(VMX_TSS.start)
+        self.vm.set_identity_map_addr(VMX_IDENTITY_MAP.start)
         if self.irqchip:
             self.vm.create_irqchip()
             self.vm.create_pit2()
@@ -152,6 +151,13 @@ class Machine:
         slot = bus.next_free_slot()
         bus.add(slot, function)
         return slot
+
+    def place_memory_bar(self, size: int, is_64: bool) -> int:
+        """Place a memory BAR for an emulated function, as pyvmm places assigned devices'
+        (pci/resources.py); returns its address. A 64-bit BAR above RAM joins the identity
+        map and the DSDT's window."""
+        self._enable_pci()
+        return self._resources.memory(size, is_64)
 
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.
@@ -220,7 +226,7 @@ class Machine:
         if plan.boot_cpu_only:
             self._boot_like_a_pc(plan, append)
         if self.firmware is None:
-            write_boot_tables(self.memory, self.mode)
+            write_boot_tables(self.memory, self.mode, protocol=plan.protocol.value)
         elif self.fw_cfg is None:
             self.fw_cfg = add_fw_cfg(self)  # where the firmware finds the guest
         return self.image
@@ -292,9 +298,11 @@ class Machine:
             raise ConfigurationError("a Machine runs once: build a new one to run again")
         self._ran = True
         lib.pyvmm_install_kick_handler(KICK_SIGNAL)
-        if self.image is not None and self.pci is not None and self.firmware is None:
+        if self.boot is not None and self.pci is not None and self.firmware is None:
             # 64-bit BARs placed above RAM must be inside the guest's identity map too.
-            write_boot_tables(self.memory, self.mode, self._resources.high_top)
+            write_boot_tables(
+                self.memory, self.mode, self._resources.high_top, self.boot.protocol.value
+            )
         cpuid = self.kvm.supported_cpuid()
         if self.pci is not None:  # a PC-style boot, or assigned devices: describe the machine
             write_firmware_tables(self._boot_memory(), self.cpus, cpuid)

@@ -29,15 +29,16 @@ from typing import TYPE_CHECKING
 
 from pyvmm.acpi import IOAPIC_ADDRESS, IOAPIC_ID, LOCAL_APIC_ADDRESS, SCI_IRQ
 from pyvmm.errors import ConfigurationError
+from pyvmm.layout import MP_CONFIG_TABLE_ADDRESS, MP_TABLE
 from pyvmm.pci.config import intx_gsi
 from pyvmm.pci.host import SLOTS
 
 if TYPE_CHECKING:
     from pyvmm.memory import GuestMemory
 
-FLOATING_POINTER_ADDRESS = 0xF_0000
-CONFIG_TABLE_ADDRESS = 0xF_0010
-MP_AREA_END = 0x10_0000
+FLOATING_POINTER_ADDRESS = MP_TABLE.start
+CONFIG_TABLE_ADDRESS = MP_CONFIG_TABLE_ADDRESS
+MP_AREA_END = MP_TABLE.end
 SPEC_REVISION = 4  # MP spec 1.4
 
 OEM_ID = b"PYVMM   "

@@ -36,6 +36,7 @@ from pathlib import Path
 from pyvmm.e820 import LOW_RAM_END, MemoryRange, memory_map
 from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.imagefile import open_regular, read_regular
+from pyvmm.layout import MULTIBOOT_INFO, MULTIBOOT_MMAP
 from pyvmm.loader import PROTECTED_LOAD_MIN, LoadedImage, Segment, inspect_elf, load_elf
 from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory, describe_size
 
@@ -67,12 +68,12 @@ INFO_FLAGS = (
     INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
 )
 
-#: Where QEMU's option ROM builds the memory map and the information structure: in
-#: conventional memory below any kernel (loaded at 1 MiB or above) and clear of pyvmm's GDT.
-MMAP_ADDRESS = 0x9000
-INFO_ADDRESS = 0x9500
+#: Where QEMU's option ROM builds the memory map and the information structure (layout.py):
+#: in conventional memory below any kernel (loaded at 1 MiB or above).
+MMAP_ADDRESS = MULTIBOOT_MMAP.start
+INFO_ADDRESS = MULTIBOOT_INFO.start
 #: The fields up to the VBE ones, as QEMU writes them: flags ... vbe_interface_len.
-INFO_SIZE = 88
+INFO_SIZE = MULTIBOOT_INFO.size
 #: BIOS drive 0x80 (the first hard disk), no partition: what QEMU reports.
 BOOT_DEVICE = 0x8000FFFF
 BOOT_LOADER_NAME = "pyvmm"
@@ -390,7 +391,9 @@ def load_multiboot(
 
     mmap = memory_map(memory)
     if len(mmap) > MMAP_MAX_ENTRIES:  # cannot happen with pyvmm's RAM layout; a guard
-        raise ConfigurationError(f"{len(mmap)} memory map entries do not fit below 0x9500")
+        raise ConfigurationError(
+            f"{len(mmap)} memory map entries do not fit below {INFO_ADDRESS:#x}"
+        )
     mem_lower = LOW_RAM_END // 1024
     mem_upper = (memory.regions[0].end - MIB) // 1024 if memory.regions[0].end > MIB else 0
 

@@ -12,15 +12,17 @@ from collections.abc import Mapping
 import numpy as np
 
 from pyvmm._native import ffi
-from pyvmm.errors import ConfigurationError
 from pyvmm.kvm import Cdata, Vcpu
-from pyvmm.memory import GIB, GuestMemory
-
-GDT_ADDRESS = 0x1000
-PML4_ADDRESS = 0x2000
-PDPT_ADDRESS = 0x3000
-PD_ADDRESS = 0x4000
-PAGE_TABLES_END = 0xA0000
+from pyvmm.layout import (
+    BOOT_GDT,
+    PAGE_DIRECTORIES_START,
+    PDPT,
+    PML4,
+    boot_regions,
+    check_layout,
+    plan_identity_map,
+)
+from pyvmm.memory import GuestMemory
 
 #: GDT selectors (docs/guest-abi.md).
 CODE64_SELECTOR = 0x08
@@ -40,10 +42,6 @@ MSR_MTRR_DEF_TYPE = 0x2FF
 #: honours guest MTRRs, and a guest left with the reset value (uncached) crawls.
 MTRR_DEF_TYPE_WB_ENABLED = 0xC06
 
-#: Where Intel VMX keeps its real-mode TSS and identity map: just below the BIOS area, as QEMU.
-VMX_TSS_ADDRESS = 0xFFFBD000
-VMX_IDENTITY_MAP_ADDRESS = 0xFFFBC000
-
 
 class CpuMode(enum.Enum):
     """The mode a guest is entered in."""
@@ -53,25 +51,24 @@ class CpuMode(enum.Enum):
     REAL = "real"
 
 
-def write_boot_tables(memory: GuestMemory, mode: CpuMode, device_top: int = 0) -> None:
+def write_boot_tables(
+    memory: GuestMemory, mode: CpuMode, device_top: int = 0, protocol: str = "elf"
+) -> None:
     """Write the GDT, and in long mode page tables identity-mapping [0, max(4 GiB, RAM top,
-    device_top)) (device_top: the end of any BAR placed above RAM)."""
+    device_top)) (device_top: the end of any BAR placed above RAM), where pyvmm's layout
+    (layout.py) puts them for protocol's guests; ConfigurationError if they do not fit."""
     if mode is CpuMode.REAL:
         return
-    memory.view(GDT_ADDRESS, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
+    memory.view(BOOT_GDT.start, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
     if mode is not CpuMode.LONG:
+        check_layout(boot_regions(protocol, 0))
         return
-    gigabytes = max(4 * GIB, memory.top + GIB - 1, device_top + GIB - 1) // GIB
-    if PD_ADDRESS + gigabytes * 4096 > PAGE_TABLES_END:
-        raise ConfigurationError(
-            f"{gigabytes} GiB of guest-physical space is more than pyvmm's boot page tables "
-            "map: use at most 150G of --memory"
-        )
-    memory.view(PML4_ADDRESS, 8, np.uint64)[0] = PDPT_ADDRESS | PAGE_PRESENT | PAGE_WRITE
-    directories = PD_ADDRESS + 4096 * np.arange(gigabytes, dtype=np.uint64)
-    memory.view(PDPT_ADDRESS, 8 * gigabytes, np.uint64)[:] = directories | PAGE_PRESENT | PAGE_WRITE
+    gigabytes = plan_identity_map(protocol, memory.top, device_top)
+    memory.view(PML4.start, 8, np.uint64)[0] = PDPT.start | PAGE_PRESENT | PAGE_WRITE
+    directories = PAGE_DIRECTORIES_START + 4096 * np.arange(gigabytes, dtype=np.uint64)
+    memory.view(PDPT.start, 8 * gigabytes, np.uint64)[:] = directories | PAGE_PRESENT | PAGE_WRITE
     pages = np.arange(gigabytes * 512, dtype=np.uint64) * TWO_MIB
-    memory.view(PD_ADDRESS, 8 * len(pages), np.uint64)[:] = (
+    memory.view(PAGE_DIRECTORIES_START, 8 * len(pages), np.uint64)[:] = (
         pages | PAGE_PRESENT | PAGE_WRITE | PAGE_HUGE
     )
 
@@ -110,7 +107,7 @@ def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
         _segment(sregs.cs, code, 0, 0xFFFFFFFF, 11, g=1, l=int(long_mode), db=int(not long_mode))
         for segment in data_segments:
             _segment(segment, DATA_SELECTOR, 0, 0xFFFFFFFF, 3, g=1, db=1)
-        sregs.gdt.base = GDT_ADDRESS
+        sregs.gdt.base = BOOT_GDT.start
         sregs.gdt.limit = 8 * len(GDT_ENTRIES) - 1
         # An empty IDT: any exception escalates to a triple fault, which pyvmm reports.
         sregs.idt.base = 0
@@ -120,7 +117,7 @@ def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
         sregs.efer = 0
         if long_mode:
             sregs.cr0 |= CR0_WP | CR0_PG
-            sregs.cr3 = PML4_ADDRESS
+            sregs.cr3 = PML4.start
             sregs.cr4 |= CR4_PAE
             sregs.efer = EFER_LME | EFER_LMA
     # A busy TSS: VMX refuses to enter without a usable TR, whatever the mode.

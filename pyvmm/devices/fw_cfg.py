@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm.bus import Bus
 from pyvmm.errors import ConfigurationError
+from pyvmm.layout import VMX_IDENTITY_MAP, VMX_TSS
 from pyvmm.memory import GuestMemory
-from pyvmm.x86 import VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS
 
 if TYPE_CHECKING:  # machine.py may import this module: no cycle at run time
     from pyvmm.machine import Machine
@@ -126,8 +126,8 @@ def e820_entries(memory: GuestMemory) -> list[E820Entry]:
     """
     entries = [E820Entry(r.guest_phys_addr, r.size, E820_RAM) for r in memory.regions]
     # The identity map is one page and the TSS three (KVM's RMODE_TSS_SIZE rounds up to 3).
-    start = min(VMX_IDENTITY_MAP_ADDRESS, VMX_TSS_ADDRESS)
-    end = max(VMX_IDENTITY_MAP_ADDRESS + 0x1000, VMX_TSS_ADDRESS + 0x3000)
+    start = min(VMX_IDENTITY_MAP.start, VMX_TSS.start)
+    end = max(VMX_IDENTITY_MAP.end, VMX_TSS.end)
     entries.append(E820Entry(start, end - start, E820_RESERVED))
     return sorted(entries)
 
