@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pyvmm.errors import ExitStatus
+from tests.rig import cache_root
+from tests.rig.build import kernel_key
 from tests.rig.initramfs import write_initramfs
 from tests.test_rig_assign import rig_env
 
@@ -27,10 +29,14 @@ BUSYBOX = Path("/bin/busybox")
 
 
 def rig_kernel() -> Path:
-    kernels = sorted(Path.home().glob(".cache/pyvmm-rig/kernel-*/vmlinuz"))
-    if not kernels:
-        pytest.skip("the rig's kernel is not in ~/.cache/pyvmm-rig")
-    return kernels[0]
+    """The rig's own kernel, found where the rig harness keeps it ($PYVMM_RIG_CACHE)."""
+    kernel = cache_root() / f"kernel-{kernel_key()}" / "vmlinuz"
+    if not kernel.exists():
+        pytest.skip(
+            f"the rig's kernel is not at {kernel} (cache: $PYVMM_RIG_CACHE or "
+            "~/.cache/pyvmm-rig): prepare it with python -m tests.rig --prepare-only"
+        )
+    return kernel
 
 
 def initramfs(tmp_path: Path, ending: str) -> Path:
