@@ -1,0 +1,201 @@
+"""Boot the rig's kernel N times under pyvmm and under QEMU (accel=kvm), inside the rig, and
+record how far each boot got: the evidence for the early-hang question of docs/rig.md.
+
+Run it inside the rig, one rig at a time::
+
+    python -m tests.rig --timeout 3000 -- python -m tests.rig.linux_boot_loop \\
+        --out boot-logs --boots 15 --vmm pyvmm,qemu --cpus 1,2
+
+Boots are interleaved (pyvmm, QEMU, pyvmm, ...) so that load on the host weighs on both alike.
+Every boot keeps its console log, pyvmm's stderr (its register dump on timeout) or QEMU's
+``info registers`` taken from its monitor before it is killed, in OUT; OUT/boots.jsonl has one
+line per boot and the summary table is printed at the end. A hang's RIP is named from the
+rig's /proc/kallsyms (the same kernel), which is right only with ``nokaslr`` in the command
+line, the default here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.rig import cache_root
+from tests.rig.build import kernel_key
+from tests.rig.initramfs import write_initramfs
+
+MARKER = "PYVMM-LINUX-MARKER"
+QEMU = "/usr/bin/qemu-system-x86_64"
+DEFAULT_APPEND = "console=ttyS0 panic=-1 nokaslr"
+#: The kernel's link address of _text; the rig's KASLR slide is kallsyms' _text minus this.
+LINKED_TEXT = 0xFFFF_FFFF_8100_0000
+
+
+def write_boot_initramfs(path: Path) -> None:
+    """An initramfs whose /init prints the marker and powers off, like test_rig_linux.py's."""
+    init = f"""#!/bin/sh
+b=/bin/busybox
+$b mount -t proc proc /proc
+echo {MARKER} uptime $($b cut -d' ' -f1 /proc/uptime) cpus $($b grep -c ^processor /proc/cpuinfo)
+$b poweroff -f
+"""
+    write_initramfs(path, init.encode(), Path("/bin/busybox"), [])
+
+
+class Symbols:
+    """The rig kernel's symbols, to name a nokaslr guest's RIP."""
+
+    def __init__(self) -> None:
+        rows = []
+        for line in Path("/proc/kallsyms").read_text().splitlines():
+            addr, kind, name = line.split()[:3]
+            if kind in "tTwW" and int(addr, 16):
+                rows.append((int(addr, 16), name))
+        rows.sort()
+        text = next((a for a, n in rows if n == "_text"), LINKED_TEXT)
+        self.slide = text - LINKED_TEXT
+        self.addrs = [a - self.slide for a, _ in rows]
+        self.names = [n for _, n in rows]
+
+    def name(self, rip: int) -> str:
+        """symbol+offset for a guest RIP (linked addresses)."""
+        i = bisect.bisect_right(self.addrs, rip) - 1
+        if i < 0 or rip - self.addrs[i] > 0x10000:
+            return f"{rip:#x}"
+        return f"{self.names[i]}+{rip - self.addrs[i]:#x}"
+
+
+def console_end(log: Path) -> tuple[str, float | None]:
+    """The console's last non-empty line and the last printk timestamp seen."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = [ln.strip() for ln in text.replace("\r", "").splitlines() if ln.strip()]
+    stamps = re.findall(r"^\[\s*(\d+\.\d+)\]", text, re.M)
+    return (lines[-1][:160] if lines else ""), (float(stamps[-1]) if stamps else None)
+
+
+def boot_pyvmm(kernel: Path, initrd: Path, args, cpus: int, log: Path) -> dict:
+    cmd = [sys.executable, "-m", "pyvmm", "run", str(kernel), "--append", args.append,
+           "--initrd", str(initrd), "--memory", "512M", "--cpus", str(cpus),
+           "--timeout", str(args.timeout), "--serial", f"file:{log}",
+           *args.pyvmm_extra]  # fmt: skip
+    if args.device:
+        cmd += ["--device", args.device]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    log.with_suffix(".stderr").write_text(done.stderr)
+    rips = [int(m, 16) for m in re.findall(r"rip=(0x[0-9a-f]+)", done.stderr)]
+    return {"status": done.returncode, "rips": rips, "timed_out": "timeout" in done.stderr}
+
+
+def monitor(sock: Path, command: str) -> str:
+    """Send one command to a QEMU human monitor socket and return what it printed."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        out = b""
+
+        def until_prompt() -> None:
+            nonlocal out
+            while not out.endswith(b"(qemu) "):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return
+                out += chunk
+
+        until_prompt()
+        out = b""
+        s.sendall(command.encode() + b"\n")
+        until_prompt()
+    return out.decode(errors="replace")
+
+
+def boot_qemu(kernel: Path, initrd: Path, args, cpus: int, log: Path) -> dict:
+    # Not next to the log: the rig's project tree is 9p, which refuses a socket.
+    sock = Path("/tmp") / f"{log.stem}.mon"
+    cmd = [QEMU, "-machine", "q35,accel=kvm", "-smp", str(cpus), "-m", "512M",
+           "-display", "none", "-no-reboot", "-serial", f"file:{log}",
+           "-monitor", f"unix:{sock},server,nowait", "-kernel", str(kernel),
+           "-initrd", str(initrd), "-append", args.append, *args.qemu_extra]  # fmt: skip
+    if args.device:
+        cmd += ["-device", f"vfio-pci,host={args.device}"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    rips: list[int] = []
+    try:
+        proc.wait(timeout=args.timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        try:
+            regs = "".join(
+                monitor(sock, f"cpu {i}") + monitor(sock, "info registers") for i in range(cpus)
+            )
+        except OSError as error:
+            regs = f"(monitor: {error})"
+        log.with_suffix(".regs").write_text(regs)
+        rips = [int(m, 16) for m in re.findall(r"RIP=([0-9a-f]+)", regs)]
+        proc.kill()
+        proc.wait()
+    log.with_suffix(".stderr").write_bytes(proc.stdout.read() if proc.stdout else b"")
+    sock.unlink(missing_ok=True)
+    return {"status": proc.returncode, "rips": rips, "timed_out": timed_out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--boots", type=int, default=15, help="boots per VMM and CPU count")
+    ap.add_argument("--vmm", default="pyvmm,qemu")
+    ap.add_argument("--cpus", default="1")
+    ap.add_argument("--timeout", type=float, default=90)
+    ap.add_argument("--append", default=DEFAULT_APPEND)
+    ap.add_argument("--device", default="", help="a PCI address to assign to the guest")
+    ap.add_argument("--pyvmm-extra", nargs="*", default=[])
+    ap.add_argument("--qemu-extra", nargs="*", default=[])
+    ap.add_argument("--tag", default="", help="a name for this setting in the table")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    kernel = cache_root() / f"kernel-{kernel_key()}" / "vmlinuz"
+    initrd = args.out / "initrd.cpio"
+    write_boot_initramfs(initrd)
+    symbols = Symbols()
+    runners = {"pyvmm": boot_pyvmm, "qemu": boot_qemu}
+    configs = [(v, int(c)) for c in args.cpus.split(",") for v in args.vmm.split(",")]
+    table: dict[str, list[dict]] = {}
+    with open(args.out / "boots.jsonl", "a") as jsonl:
+        for n in range(args.boots):
+            for vmm, cpus in configs:
+                name = f"{args.tag or 'base'}-{vmm}-{cpus}cpu-{n:02d}"
+                log = args.out / f"{name}.console"
+                started = time.monotonic()
+                row = runners[vmm](kernel, initrd, args, cpus, log)
+                last, stamp = console_end(log)
+                text = log.read_text(errors="replace") if log.exists() else ""
+                row.update(name=name, vmm=vmm, cpus=cpus, tag=args.tag, append=args.append,
+                           reached=MARKER in text, wall=round(time.monotonic() - started, 1),
+                           last_line=last, last_stamp=stamp,
+                           where=[symbols.name(r) for r in row["rips"]])  # fmt: skip
+                jsonl.write(json.dumps(row) + "\n")
+                jsonl.flush()
+                table.setdefault(f"{args.tag or 'base'} {vmm} {cpus}cpu", []).append(row)
+                print(f"{name}: reached={row['reached']} status={row['status']} "
+                      f"wall={row['wall']} last=[{stamp}] {last[:90]!r} where={row['where']}",
+                      flush=True)  # fmt: skip
+    print("\nsetting | boots | reached initramfs | hangs (where)")
+    for key, rows in table.items():
+        hangs = [r for r in rows if not r["reached"]]
+        where = "; ".join(f"{r['last_stamp']} s {','.join(r['where'])}" for r in hangs)
+        print(f"{key} | {len(rows)} | {len(rows) - len(hangs)} | {len(hangs)} {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
