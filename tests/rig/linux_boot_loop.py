@@ -129,16 +129,21 @@ def boot_qemu(kernel: Path, initrd: Path, args, cpus: int, log: Path) -> dict:
                             stderr=subprocess.STDOUT)  # fmt: skip
     rips: list[int] = []
     try:
-        proc.wait(timeout=args.timeout)
+        proc.wait(timeout=args.qemu_timeout or args.timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:
-            regs = "".join(
-                monitor(sock, f"cpu {i}") + monitor(sock, "info registers") for i in range(cpus)
-            )
-        except OSError as error:
-            regs = f"(monitor: {error})"
+        # Three samples a second apart tell a spin (same RIP, IF off) from slow progress.
+        regs = ""
+        for _ in range(3):
+            try:
+                regs += "".join(
+                    monitor(sock, f"cpu {i}") + monitor(sock, "info registers")
+                    for i in range(cpus)
+                )
+            except OSError as error:
+                regs += f"(monitor: {error})"
+            time.sleep(1)
         log.with_suffix(".regs").write_text(regs)
         rips = [int(m, 16) for m in re.findall(r"RIP=([0-9a-f]+)", regs)]
         proc.kill()
@@ -155,6 +160,7 @@ def main() -> int:
     ap.add_argument("--vmm", default="pyvmm,qemu")
     ap.add_argument("--cpus", default="1")
     ap.add_argument("--timeout", type=float, default=90)
+    ap.add_argument("--qemu-timeout", type=float, default=0, help="QEMU's, if not --timeout")
     ap.add_argument("--append", default=DEFAULT_APPEND)
     ap.add_argument("--device", default="", help="a PCI address to assign to the guest")
     ap.add_argument("--pyvmm-extra", nargs="*", default=[])
