@@ -36,6 +36,8 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 DEFAULT_APPEND = "console=ttyS0 panic=-1 nokaslr"
 #: The kernel's link address of _text; the rig's KASLR slide is kallsyms' _text minus this.
 LINKED_TEXT = 0xFFFF_FFFF_8100_0000
+#: Where a nokaslr kernel's text lies, to pick return addresses out of a stack dump.
+KERNEL_TEXT = (LINKED_TEXT, 0xFFFF_FFFF_8300_0000)
 
 
 def write_boot_initramfs(path: Path) -> None:
@@ -144,13 +146,22 @@ def boot_qemu(kernel: Path, initrd: Path, args, cpus: int, log: Path) -> dict:
             except OSError as error:
                 regs += f"(monitor: {error})"
             time.sleep(1)
-        log.with_suffix(".regs").write_text(regs)
         rips = [int(m, 16) for m in re.findall(r"RIP=([0-9a-f]+)", regs)]
+        # The boot CPU's stack names the code it interrupted (return addresses in it).
+        rsp = re.search(r"RSP=([0-9a-f]+)", regs)
+        if rsp:
+            try:
+                regs += monitor(sock, "cpu 0") + monitor(sock, f"x/160gx 0x{rsp.group(1)}")
+            except OSError as error:
+                regs += f"(monitor: {error})"
+        log.with_suffix(".regs").write_text(regs)
         proc.kill()
         proc.wait()
     log.with_suffix(".stderr").write_bytes(proc.stdout.read() if proc.stdout else b"")
     sock.unlink(missing_ok=True)
-    return {"status": proc.returncode, "rips": rips, "timed_out": timed_out}
+    words = [int(w, 16) for w in re.findall(r"0x([0-9a-f]{16})", regs if timed_out else "")]
+    return {"status": proc.returncode, "rips": rips, "timed_out": timed_out,
+            "stack": [w for w in words if KERNEL_TEXT[0] <= w < KERNEL_TEXT[1]]}  # fmt: skip
 
 
 def main() -> int:
@@ -187,7 +198,8 @@ def main() -> int:
                 row.update(name=name, vmm=vmm, cpus=cpus, tag=args.tag, append=args.append,
                            reached=MARKER in text, wall=round(time.monotonic() - started, 1),
                            last_line=last, last_stamp=stamp,
-                           where=[symbols.name(r) for r in row["rips"]])  # fmt: skip
+                           where=[symbols.name(r) for r in row["rips"]],
+                           stack=[symbols.name(w) for w in row.get("stack", [])])  # fmt: skip
                 jsonl.write(json.dumps(row) + "\n")
                 jsonl.flush()
                 table.setdefault(f"{args.tag or 'base'} {vmm} {cpus}cpu", []).append(row)
