@@ -62,11 +62,12 @@ def boot_linux(
     """Boot the rig's kernel; a boot that dies before the initramfs is tried again, at most
     ATTEMPTS times.
 
-    Under the rig's nested TCG about one boot in fifteen stops making progress 0.3 s in, with
-    interrupts off, right after the kernel reports its xsave features; and once a 2-CPU guest
-    panicked on a recursive fault in the APIC timer interrupt's entry code. Both happen before
-    the initramfs runs. Each such attempt is reported; what the tests check is what a boot
-    that reaches the initramfs does, from there to its end.
+    Under the rig's nested TCG some boots stop before the initramfs with interrupts off (and
+    once a 2-CPU guest panicked on a recursive fault in the APIC timer interrupt's entry code).
+    QEMU 7.2 as the inner VMM hangs the same way, at the same instruction: docs/rig.md ("The
+    early Linux hang") has the boots, and tests/rig/linux_boot_loop.py repeats them. Each
+    such attempt is reported; what the tests check is what a boot that reaches the initramfs
+    does, from there to its end.
     """
     initrd = str(initramfs(tmp_path, ending))
     for attempt in range(1, ATTEMPTS + 1):
