@@ -84,7 +84,8 @@ def console_end(log: Path) -> tuple[str, float | None]:
 
 
 def wait_or_stall(proc: subprocess.Popen, log: Path, timeout: float, stall: float) -> str:
-    """Wait for a boot: 'exited', 'stalled' (its console silent for stall s) or 'timeout'.
+    """Wait for a boot: 'exited', 'stalled' (its console silent for stall s once it has
+    printed) or 'timeout'.
 
     A slow boot on a loaded host still prints; a hung one stops, so the console's silence,
     not the wall time, tells them apart.
@@ -96,7 +97,10 @@ def wait_or_stall(proc: subprocess.Popen, log: Path, timeout: float, stall: floa
         grown = log.stat().st_size if log.exists() else 0
         if grown != size:
             size, last_change = grown, now
-        if now - last_change > stall:
+        # Before its first output a boot is still in firmware (QEMU's SeaBIOS loading the
+        # kernel by fw_cfg prints nothing for minutes under nested TCG): only the overall
+        # timeout applies there.
+        if size > 0 and now - last_change > stall:
             return "stalled"
         if now - started > timeout:
             return "timeout"
