@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pyvmm.errors import ExitStatus
+from tests.rig import cache_root
+from tests.rig.build import kernel_key
 from tests.rig.initramfs import write_initramfs
 from tests.test_rig_assign import rig_env
 
@@ -27,10 +29,14 @@ BUSYBOX = Path("/bin/busybox")
 
 
 def rig_kernel() -> Path:
-    kernels = sorted(Path.home().glob(".cache/pyvmm-rig/kernel-*/vmlinuz"))
-    if not kernels:
-        pytest.skip("the rig's kernel is not in ~/.cache/pyvmm-rig")
-    return kernels[0]
+    """The rig's own kernel, found where the rig harness keeps it ($PYVMM_RIG_CACHE)."""
+    kernel = cache_root() / f"kernel-{kernel_key()}" / "vmlinuz"
+    if not kernel.exists():
+        pytest.skip(
+            f"the rig's kernel is not at {kernel} (cache: $PYVMM_RIG_CACHE or "
+            "~/.cache/pyvmm-rig): prepare it with python -m tests.rig --prepare-only"
+        )
+    return kernel
 
 
 def initramfs(tmp_path: Path, ending: str) -> Path:
@@ -56,11 +62,12 @@ def boot_linux(
     """Boot the rig's kernel; a boot that dies before the initramfs is tried again, at most
     ATTEMPTS times.
 
-    Under the rig's nested TCG about one boot in fifteen stops making progress 0.3 s in, with
-    interrupts off, right after the kernel reports its xsave features; and once a 2-CPU guest
-    panicked on a recursive fault in the APIC timer interrupt's entry code. Both happen before
-    the initramfs runs. Each such attempt is reported; what the tests check is what a boot
-    that reaches the initramfs does, from there to its end.
+    Under the rig's nested TCG some boots stop before the initramfs with interrupts off (and
+    once a 2-CPU guest panicked on a recursive fault in the APIC timer interrupt's entry code).
+    QEMU 7.2 as the inner VMM hangs the same way, at the same instruction: docs/rig.md ("The
+    early Linux hang") has the boots, and tests/rig/linux_boot_loop.py repeats them. Each
+    such attempt is reported; what the tests check is what a boot that reaches the initramfs
+    does, from there to its end.
     """
     initrd = str(initramfs(tmp_path, ending))
     for attempt in range(1, ATTEMPTS + 1):
