@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 "$PY" -c 'import pytest' 2>/dev/null || "$PY" -m pip install -q 'pytest>=7' || exit 1
 
 start=$(date +%s)
-"$PY" -m tests.rig --timeout "${PYVMM_RIG_TIMEOUT:-1800}" -- \
+"$PY" -m tests.rig --timeout "${PYVMM_RIG_TIMEOUT:-3600}" -- \
 	"$PY" -m pytest -p tests.rig.pytest_plugin -m rig -ra tests
 rc=$?
 echo "rig: .ci/rig.sh took $(($(date +%s) - start))s, exit status $rc"
