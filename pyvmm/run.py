@@ -81,8 +81,9 @@ class MachineRun:
             self._stop_all()
             for thread in threads:
                 thread.join()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            # Machine.close() puts them back once it has released everything: a Ctrl-C
+            # during teardown must not abort it.
+            self.machine.signal_handlers.update(previous)
         return self._build_result(time.monotonic() - started)
 
     def _build_result(self, elapsed: float) -> RunResult:
