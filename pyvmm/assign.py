@@ -99,19 +99,46 @@ def check_memlock(memory: GuestMemory) -> None:
     )
 
 
+class Undo:
+    """Steps that undo a set-up, run newest first; every step runs even when one raises."""
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[], None]] = []
+
+    def push(self, step: Callable[[], None]) -> None:
+        """Record how to undo the step that just succeeded."""
+        self.steps.append(step)
+
+    def run(self) -> None:
+        """Undo everything recorded; then raise the first error any step raised."""
+        first: BaseException | None = None
+        while self.steps:
+            try:
+                self.steps.pop()()
+            except BaseException as error:  # keep going: a later step still holds something
+                first = first or error
+        if first is not None:
+            raise first
+
+    def unwind(self) -> None:
+        """Undo after a failed set-up, inside an except: the set-up's error is the one raised."""
+        try:
+            self.run()
+        except BaseException:  # the set-up failure is the first error: it is the one raised
+            pass
+
+
 @dataclass
 class OpenedDevice:
-    """A device opened for a VM, and the steps that release it, in order."""
+    """A device opened for a VM, and the steps that release it, newest first."""
 
     device: VfioDevice
     path: str  #: "group" or "cdev"
-    closers: list[Callable[[], None]] = field(default_factory=list)
+    undo: Undo = field(default_factory=Undo)
 
     def close(self) -> None:
-        """Release the device: device fd, FILE_DEL, then its group or cdev."""
-        self.device.close()
-        while self.closers:
-            self.closers.pop(0)()
+        """Release the device: device fd, then its FILE_DEL and group or cdev."""
+        self.undo.run()
 
 
 class VfioAssignments:
@@ -122,20 +149,30 @@ class VfioAssignments:
         self.memory = memory
         self.kvm_vfio: KvmVfioDevice | None = None
         self.container: VfioContainer | None = None
-        self.groups: dict[int, tuple[VfioGroup, VfioRegistration, list[str]]] = {}
+        #: per group: the group, its registration, its users, and how to release it
+        self.groups: dict[int, tuple[VfioGroup, VfioRegistration, list[str], Undo]] = {}
+        self.container_maps = Undo()  #: the container's DMA maps, each really made
         self.iommufd: Iommufd | None = None
         self.ioas: int | None = None
+        self.shared = Undo()  #: the container, the iommufd and IOAS, the KVM-VFIO device
         self.opened: list[OpenedDevice] = []
 
     def _kvm_vfio(self) -> KvmVfioDevice:
         if self.kvm_vfio is None:
             self.kvm_vfio = KvmVfioDevice(self.vm)
+            self.shared.push(self._close_kvm_vfio)
         return self.kvm_vfio
+
+    def _close_kvm_vfio(self) -> None:
+        kvm_vfio, self.kvm_vfio = self.kvm_vfio, None
+        kvm_vfio.close()
 
     def open(self, host: hostdev.HostDevice, path: str = "auto") -> OpenedDevice:
         """Open a host device for this VM on the group or cdev path (auto: cdev if possible)."""
         if path not in VFIO_PATHS:
             raise ConfigurationError(f"--vfio {path}: use one of {', '.join(VFIO_PATHS)}")
+        # The same diagnosis, in the same order, as `pyvmm devices`: no IOMMU first.
+        hostdev.check_iommu(host)
         hostdev.check_bound(host)
         # The cdev path claims DMA ownership of the whole group at bind, as the group path
         # needs a viable group: both fail on a group with a member on a host driver.
@@ -159,118 +196,149 @@ class VfioAssignments:
     # ---- group path ----------------------------------------------------------------------
     def _ensure_container(self) -> VfioContainer:
         if self.container is None:
-            self.container = VfioContainer(CONTAINER_PATH, _open_or_explain(CONTAINER_PATH, "VFIO"))
-            self.container.get_api_version()
-            if not self.container.check_extension(3):
-                raise VfioUnavailableError("the VFIO container lacks the type1v2 IOMMU driver")
+            container = VfioContainer(CONTAINER_PATH, _open_or_explain(CONTAINER_PATH, "VFIO"))
+            try:
+                container.get_api_version()
+                if not container.check_extension(3):
+                    raise VfioUnavailableError("the VFIO container lacks the type1v2 IOMMU driver")
+            except BaseException:
+                container.close()
+                raise
+            self.container = container
+            self.shared.push(self._close_container)
         return self.container
+
+    def _close_container(self) -> None:
+        container, self.container = self.container, None
+        container.close()
+
+    def _map_container(self, container: VfioContainer) -> None:
+        for region in self.memory.regions:
+            container.map_dma(region.host_address, region.guest_phys_addr, region.size)
+            self.container_maps.push(
+                lambda iova=region.guest_phys_addr, size=region.size: container.unmap_dma(
+                    iova, size
+                )
+            )
+
+    def _join_group(self, host: hostdev.HostDevice, number: int) -> None:
+        container = self._ensure_container()
+        node = str(host.group_node)
+        group = VfioGroup(node, _open_or_explain(node, f"IOMMU group {number}"))
+        undo = Undo()
+        undo.push(group.close)
+        first = not self.groups
+        try:
+            if not group.get_status() & 1:
+                raise GroupNotViableError(
+                    f"IOMMU group {number} is not viable: bind every device in "
+                    f"/sys/kernel/iommu_groups/{number}/devices to vfio-pci (pyvmm devices)"
+                )
+            registration = self._kvm_vfio().add_file(group)
+            undo.push(registration.close)
+            group.set_container(container)
+            undo.push(group.unset_container)
+            if first:
+                # The container drops its IOMMU, and its maps, when its last group leaves:
+                # unmap while it has one, before the unset.
+                undo.push(self.container_maps.run)
+                container.set_iommu()
+                self._map_container(container)
+        except BaseException:
+            undo.unwind()
+            raise
+        self.groups[number] = (group, registration, [], undo)
 
     def _open_group(self, host: hostdev.HostDevice) -> OpenedDevice:
         if host.iommu_group is None:
             raise VfioUnavailableError(f"{host.name} has no IOMMU group: enable the IOMMU")
         number = host.iommu_group
         if number not in self.groups:
-            container = self._ensure_container()
-            node = str(host.group_node)
-            group = VfioGroup(node, _open_or_explain(node, f"IOMMU group {number}"))
-            try:
-                if not group.get_status() & 1:
-                    raise GroupNotViableError(
-                        f"IOMMU group {number} is not viable: bind every device in "
-                        f"/sys/kernel/iommu_groups/{number}/devices to vfio-pci (pyvmm devices)"
-                    )
-                registration = self._kvm_vfio().add_file(group)
-            except BaseException:
-                group.close()
-                raise
-            self.groups[number] = (group, registration, [])
-            first = len(self.groups) == 1
-            group.set_container(container)
-            if first:
-                container.set_iommu()
-                for region in self.memory.regions:
-                    container.map_dma(region.host_address, region.guest_phys_addr, region.size)
-        group, registration, users = self.groups[number]
+            self._join_group(host, number)
+        _group, registration, users, _undo = self.groups[number]
         users.append(host.name)
+        opened = OpenedDevice(None, "group")  # type: ignore[arg-type] - set just below
+        opened.undo.push(lambda: self._release_group(number, host.name))
         try:
-            device = registration.open_device(host.name)
+            opened.device = registration.open_device(host.name)
         except BaseException as error:
-            self._release_group(number, host.name)
+            opened.undo.unwind()
             if isinstance(error, VfioIoctlError) and error.errno == errno.EBUSY:
                 raise DeviceBusyError(f"{host.name} is already open: {error.message}") from None
             raise
-        return OpenedDevice(device, "group", [lambda: self._release_group(number, host.name)])
+        opened.undo.push(opened.device.close)
+        return opened
 
     def _release_group(self, number: int, name: str) -> None:
-        group, registration, users = self.groups[number]
+        _group, _registration, users, undo = self.groups[number]
         users.remove(name)
         if users:
             return
-        registration.close()
-        if len(self.groups) == 1:
-            # The container drops its IOMMU when its last group leaves: unmap while it has one.
-            self._unmap_container()
-        group.unset_container()
-        group.close()
         del self.groups[number]
-
-    def _unmap_container(self) -> None:
-        for region in self.memory.regions:
-            self.container.unmap_dma(region.guest_phys_addr, region.size)
+        undo.run()
 
     # ---- cdev path -----------------------------------------------------------------------
     def _ensure_ioas(self) -> tuple[Iommufd, int]:
         if self.iommufd is None:
-            self.iommufd = Iommufd(IOMMUFD_PATH, _open_or_explain(IOMMUFD_PATH, "iommufd"))
-            self.ioas = self.iommufd.ioas_alloc()
-            for region in self.memory.regions:
-                self.iommufd.ioas_map(
-                    self.ioas, region.host_address, region.size, region.guest_phys_addr
-                )
+            iommufd = Iommufd(IOMMUFD_PATH, _open_or_explain(IOMMUFD_PATH, "iommufd"))
+            undo = Undo()
+            undo.push(iommufd.close)
+            try:
+                ioas = iommufd.ioas_alloc()
+                undo.push(lambda: iommufd.destroy(ioas))
+                for region in self.memory.regions:
+                    iommufd.ioas_map(ioas, region.host_address, region.size, region.guest_phys_addr)
+                    undo.push(
+                        lambda iova=region.guest_phys_addr, size=region.size: iommufd.ioas_unmap(
+                            ioas, iova, size
+                        )
+                    )
+            except BaseException:
+                undo.unwind()
+                raise
+            self.iommufd, self.ioas = iommufd, ioas
+            self.shared.push(self._forget_ioas)
+            self.shared.push(undo.run)
         return self.iommufd, self.ioas
+
+    def _forget_ioas(self) -> None:
+        self.iommufd, self.ioas = None, None
 
     def _open_cdev(self, host: hostdev.HostDevice, node: str) -> OpenedDevice:
         iommufd, ioas = self._ensure_ioas()
         cdev = VfioDeviceCdev(node, _open_or_explain(node, f"the device {host.name}"))
+        opened = OpenedDevice(None, "cdev")  # type: ignore[arg-type] - set once bound
+        # Teardown: detach (DMA stops), FILE_DEL (KVM lets go of the file), close (the
+        # device is released).
+        opened.undo.push(cdev.close)
         try:
             registration = self._kvm_vfio().add_file(cdev)
+            opened.undo.push(registration.close)
+            try:
+                opened.device = registration.open_device(host.name, iommufd.fd)
+            except VfioIoctlError as error:
+                if error.errno in (errno.EBUSY, errno.EINVAL):
+                    raise DeviceBusyError(
+                        f"{host.name}: {error.message} (it is in use by another process, or "
+                        "its driver refused to open)"
+                    ) from None
+                raise
+            cdev.attach_iommufd_pt(ioas)
+            opened.undo.push(cdev.detach_iommufd_pt)
         except BaseException:
-            cdev.close()
+            opened.undo.unwind()
             raise
-        try:
-            device = registration.open_device(host.name, iommufd.fd)
-        except VfioIoctlError as error:
-            registration.close()
-            cdev.close()
-            if error.errno in (errno.EBUSY, errno.EINVAL):
-                raise DeviceBusyError(
-                    f"{host.name}: {error.message} (it is in use by another process, or its "
-                    "driver refused to open)"
-                ) from None
-            raise
-        cdev.attach_iommufd_pt(ioas)
-
-        def release() -> None:
-            cdev.detach_iommufd_pt()
-            registration.close()
-            cdev.close()
-
-        return OpenedDevice(device, "cdev", [release])
+        return opened
 
     # ---- teardown ------------------------------------------------------------------------
     def close(self) -> None:
-        """Release every device, then the DMA contexts and the KVM-VFIO device."""
-        while self.opened:
-            self.opened.pop().close()
-        if self.container is not None:
-            self.container.close()
-            self.container = None
-        if self.iommufd is not None:
-            for region in self.memory.regions:
-                self.iommufd.ioas_unmap(self.ioas, region.guest_phys_addr, region.size)
-            self.iommufd.destroy(self.ioas)
-            self.iommufd.close()
-            self.iommufd = None
-        if self.kvm_vfio is not None:
-            self.kvm_vfio.close()
-            self.kvm_vfio = None
+        """Release every device, then the DMA contexts and the KVM-VFIO device.
+
+        Every step runs even when one fails; the first failure is raised at the end.
+        """
+        undo = Undo()
+        undo.push(self.shared.run)
+        for opened in self.opened:
+            undo.push(opened.close)
+        self.opened = []
+        undo.run()

@@ -282,6 +282,21 @@ def _bound_problem(device: HostDevice) -> _Problem | None:
     return None
 
 
+def check_iommu(device: HostDevice) -> None:
+    """Raise the error `pyvmm devices` reports first when no VFIO path can take the device at all.
+
+    A PCI device without an IOMMU group means the host's IOMMU is off: binding it to vfio-pci
+    would not help, so this comes before check_bound. A bridge is never taken by vfio-pci.
+    """
+    if _is_bridge(device):
+        raise DeviceNotBoundError(
+            f"{device.name} is a PCI bridge: vfio-pci does not take bridges (assign the devices"
+            " behind it)"
+        )
+    if not device.is_mdev and device.iommu_group is None:
+        raise VfioUnavailableError(f"{device.name} has {_NO_IOMMU}")
+
+
 def check_bound(device: HostDevice) -> None:
     """Raise DeviceNotBoundError unless the device is in VFIO's hands.
 

@@ -255,7 +255,11 @@ class Vm(FileHandle):
         """Create vCPU number index and map its kvm_run area."""
         fd = _ioctl_value(self.fd, lib.KVM_CREATE_VCPU, "KVM_CREATE_VCPU", index)
         trace(f"vCPU {index} is fd {fd}")
-        return Vcpu(fd, index, self.kvm.vcpu_mmap_size())
+        try:
+            return Vcpu(fd, index, self.kvm.vcpu_mmap_size())
+        except BaseException:
+            os.close(fd)  # the vCPU was never handed out: nobody else would close it
+            raise
 
 
 class KvmDevice(FileHandle):

@@ -10,6 +10,7 @@ releases all of it in close(), whatever happened. It runs once.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from pyvmm import hostdev
 from pyvmm._native import lib
-from pyvmm.assign import VfioAssignments
+from pyvmm.assign import Undo, VfioAssignments
 from pyvmm.boot import BootPlan, BootProtocol, load_guest
 from pyvmm.bus import Bus, PythonHandler
 from pyvmm.devices.debug_exit import add_debug_exit
@@ -27,7 +28,7 @@ from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
 from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
 from pyvmm.devices.vfio_pci import VfioPciDevice
-from pyvmm.errors import ConfigurationError
+from pyvmm.errors import ConfigurationError, PyvmmError
 from pyvmm.firmware import Firmware
 from pyvmm.irq import GsiRouting
 from pyvmm.kvm import Kvm, Vcpu
@@ -87,6 +88,8 @@ class Machine:
         self.memory: GuestMemory | None = None
         self._ran = False
         self._closers: list[Any] = []
+        #: the handlers a run replaced, put back once close() has released everything
+        self.signal_handlers: dict[int, Any] = {}
         self.pci: PciBus | None = None
         self.assigned: list[VfioPciDevice] = []
         self._vfio: VfioAssignments | None = None
@@ -169,12 +172,20 @@ class Machine:
         """
         if self._ran:
             raise ConfigurationError("assign devices before run()")
-        host = hostdev.find_device(device)
-        self._enable_pci()
-        if self._vfio is None:
-            self._vfio = VfioAssignments(self.vm, self.memory)
-            self._closers.append(self._vfio.close)
-        opened = self._vfio.open(host, vfio)
+        try:
+            host = hostdev.find_device(device)
+            self._enable_pci()
+            if self._vfio is None:
+                self._vfio = VfioAssignments(self.vm, self.memory)
+                self._closers.append(self._vfio.close)
+            opened = self._vfio.open(host, vfio)
+        except PyvmmError as error:
+            # Name the device as the caller wrote it: a group node or a resolved name alone
+            # does not say which --device failed.
+            if not error.message.startswith(device):
+                error.message = f"{device}: {error.message}"
+                error.args = (error.message,)
+            raise
         slot = self.pci.next_free_slot()
         try:
             assigned = VfioPciDevice(
@@ -194,11 +205,16 @@ class Machine:
             opened.close()
             raise
 
-        def release() -> None:
-            assigned.close()
+        def release_device() -> None:
             if opened in self._vfio.opened:
                 self._vfio.opened.remove(opened)
                 opened.close()
+
+        def release() -> None:
+            undo = Undo()
+            undo.push(release_device)
+            undo.push(assigned.close)
+            undo.run()
 
         self._closers.append(release)
         self.pci.add(slot, assigned)
@@ -318,12 +334,23 @@ class Machine:
         return MachineRun(self, timeout, handle_signals=in_main).result()
 
     def close(self) -> None:
-        """Release everything: vCPUs, devices, guest RAM, the VM and /dev/kvm."""
-        for vcpu in self.vcpus:
-            vcpu.close()
+        """Release everything: vCPUs, devices, guest RAM, the VM and /dev/kvm.
+
+        Every step runs even when one raises (the first error is raised at the end); SIGINT
+        and SIGTERM stay with the run's handler until the last step, so neither aborts it.
+        """
+        undo = Undo()
+        undo.push(self._restore_signals)
+        undo.steps.extend(self._closers)
+        self._closers = []
+        undo.steps.extend(vcpu.close for vcpu in reversed(self.vcpus))
         self.vcpus = []
-        while self._closers:
-            self._closers.pop()()
+        undo.run()
+
+    def _restore_signals(self) -> None:
+        previous, self.signal_handlers = self.signal_handlers, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     def __enter__(self) -> Machine:
         return self

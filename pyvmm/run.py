@@ -85,8 +85,9 @@ class MachineRun:
             self._stop_all()
             for runner, thread in zip(self.runners, threads, strict=True):
                 self._join(runner, thread)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            # Machine.close() puts them back once it has released everything: a Ctrl-C
+            # during teardown must not abort it.
+            self.machine.signal_handlers.update(previous)
         return self._build_result(time.monotonic() - started)
 
     def _join(self, runner: VcpuRunner, thread: threading.Thread) -> None:

@@ -596,3 +596,31 @@ def test_fix_warns_when_the_host_may_be_using_the_device(host: FakeHost) -> None
     assert nic.fix == "pyvmm bind 0000:00:05.0"
     assert "careful: the host may be using this network device" in nic.reason
     assert other.fix == "pyvmm bind 0000:00:06.0" and "careful" not in other.reason
+
+
+def _real_pci_device_without_iommu() -> str | None:
+    root = Path("/sys/bus/pci/devices")
+    if not root.is_dir() or any(Path("/sys/kernel/iommu_groups").glob("*")):
+        return None
+    names = sorted(p.name for p in root.iterdir())
+    for name in names:
+        if not hostdev._is_bridge(hostdev.find_device(name)):
+            return name
+    return None
+
+
+@pytest.mark.usefixtures("kvm_required")
+def test_run_device_on_a_host_without_iommu_says_so_as_pyvmm_devices_does(pyvmm_cli) -> None:
+    """On this host (no IOMMU) `run --device` names the device and the IOMMU, not `bind`."""
+    name = _real_pci_device_without_iommu()
+    if name is None:
+        pytest.skip("this host has IOMMU groups (or no PCI devices): not the no-IOMMU case")
+    spelled = name.removeprefix("0000:")  # the short form the user may write
+    listed = json.loads(pyvmm_cli("devices", "--json").stdout)
+    reason = next(entry["reason"] for entry in listed if entry["name"] == name)
+    result = pyvmm_cli("run", "--device", spelled, "--timeout", "30", "hello")
+    lines = result.stderr.splitlines()
+    assert result.returncode == ExitStatus.NO_VFIO, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"pyvmm: {spelled}: "), result.stderr
+    assert reason in lines[0] and "IOMMU is off" in lines[0]
+    assert "pyvmm bind" not in lines[0]

@@ -30,12 +30,15 @@ def pyvmm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pyvmm", *args]
 
 
-def check_failure(done: subprocess.CompletedProcess, status: ExitStatus, words: str) -> None:
-    """One pyvmm line naming the problem, the distinct status, nothing else."""
+def check_failure(
+    done: subprocess.CompletedProcess, status: ExitStatus, words: str, device: str = ""
+) -> None:
+    """One pyvmm line naming the problem (and the device as written), the status, nothing else."""
     assert done.returncode == status, (done.returncode, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("pyvmm: ") and words in lines[0], lines[0]
+    assert lines[0].startswith(f"pyvmm: {device + ': ' if device else ''}"), lines[0]
+    assert words in lines[0], lines[0]
     assert "Traceback" not in done.stderr
 
 
@@ -73,8 +76,9 @@ def test_device_that_does_not_exist(path: str) -> None:
 @pytest.mark.parametrize("path", PATHS)
 def test_device_not_bound_to_vfio_pci(path: str) -> None:
     unbound = rig_env("PYVMM_RIG_UNBOUND")
-    done = run_bad("--device", unbound, "--vfio", path)
-    check_failure(done, ExitStatus.DEVICE_NOT_BOUND, f"pyvmm bind {unbound}")
+    spelled = unbound.removeprefix("0000:")  # the short form: errors name it as written
+    done = run_bad("--device", spelled, "--vfio", path)
+    check_failure(done, ExitStatus.DEVICE_NOT_BOUND, f"pyvmm bind {unbound}", spelled)
     driver = Path(f"/sys/bus/pci/devices/{unbound}/driver").resolve().name
     assert driver != "vfio-pci", "a failed run must not move the device"
     edu_works(path)
@@ -83,8 +87,9 @@ def test_device_not_bound_to_vfio_pci(path: str) -> None:
 @pytest.mark.parametrize("path", PATHS)
 def test_group_not_viable(path: str) -> None:
     nonviable = rig_env("PYVMM_RIG_NONVIABLE")
-    done = run_bad("--device", nonviable, "--vfio", path)
-    check_failure(done, ExitStatus.GROUP_NOT_VIABLE, "not viable")
+    spelled = nonviable.removeprefix("0000:")
+    done = run_bad("--device", spelled, "--vfio", path)
+    check_failure(done, ExitStatus.GROUP_NOT_VIABLE, "not viable", spelled)
     edu_works(path)
 
 
@@ -139,8 +144,9 @@ def test_device_in_use_by_another_process(path: str) -> None:
     )
     try:
         assert holder.stdout.readline() == "spinning\n"  # the device is open and in use
-        done = run_bad("--device", edu, "--vfio", path)
-        check_failure(done, ExitStatus.DEVICE_BUSY, "")
+        spelled = edu.removeprefix("0000:")
+        done = run_bad("--device", spelled, "--vfio", path)
+        check_failure(done, ExitStatus.DEVICE_BUSY, "", spelled)
     finally:
         holder.send_signal(signal.SIGTERM)
         assert holder.wait(timeout=60) == ExitStatus.SIGNALLED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 
@@ -76,3 +77,68 @@ def test_a_machine_runs_once():
         assert machine.run(timeout=30).exit_status == 0
         with pytest.raises(PyvmmError, match="runs once"):
             machine.run(timeout=30)
+
+
+def _count_traced_calls(stream_text: str) -> int:
+    calls = re.compile(r"trace: (?!close\()\w+\(")
+    return sum(1 for line in stream_text.splitlines() if calls.match(line))
+
+
+def test_every_injected_fault_fails_cleanly_and_leaks_nothing():
+    """Each traced ioctl and open of a hello run, failed in turn: a PyvmmError, no fd left."""
+    import io
+
+    from pyvmm import ioctl
+
+    trace = io.StringIO()
+    ioctl.trace_to(trace)
+    try:
+        with Machine(serial="capture") as machine:
+            machine.load(guest_path("hello"))
+            assert machine.run(timeout=30).exit_status == 0
+    finally:
+        ioctl.trace_to(None)
+    count = _count_traced_calls(trace.getvalue())
+    assert count >= 10
+    failed = 0
+    for position in range(1, count + 1):
+        before = open_fds()
+        ioctl.inject_fault(f"{position}:EIO")
+        try:
+            with Machine(serial="capture") as machine:
+                machine.load(guest_path("hello"))
+                machine.run(timeout=30)
+        except PyvmmError as error:
+            assert error.message and "\n" not in error.message
+            assert int(error.exit_status) % 2 == 0
+            failed += 1
+        finally:
+            fired = ioctl._fault_plan is not None and ioctl._fault_plan.fired
+            ioctl.inject_fault(None)
+        assert fired, f"traced call {position} was never reached"
+        assert open_fds() == before, f"fault at traced call {position} leaked an fd"
+    assert failed >= count - 2  # a caller may tolerate a failure it branches on
+
+
+def test_a_raising_step_and_a_signal_do_not_cut_teardown_short():
+    closed: list[str] = []
+
+    def interrupt() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of teardown
+        closed.append("interrupted")
+
+    def fail() -> None:
+        closed.append("failed")
+        raise PyvmmError("a closer failed")
+
+    before = open_fds()
+    machine = Machine(serial="capture")
+    machine.load(guest_path("hello"))
+    assert machine.run(timeout=30).exit_status == 0
+    # Steps run newest first: fail, then interrupt, then every real closer.
+    machine._closers += [interrupt, fail]
+    with pytest.raises(PyvmmError, match="a closer failed"):
+        machine.close()
+    assert closed == ["failed", "interrupted"]
+    assert open_fds() == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
