@@ -3,11 +3,15 @@ which pyvmm registers as a pytest plugin; the rig plugin skips `rig` tests outsi
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pyvmm.ioctl import trace_to
 
 pytest_plugins = ["tests.rig.pytest_plugin"]
 
@@ -31,3 +35,14 @@ def pyvmm_cli():
         )
 
     return run
+
+
+@pytest.fixture
+def traced() -> Iterator[io.StringIO]:
+    """Every ioctl pyvmm issues during the test, as --trace prints it."""
+    stream = io.StringIO()
+    trace_to(stream)
+    try:
+        yield stream
+    finally:
+        trace_to(None)

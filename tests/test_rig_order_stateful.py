@@ -26,7 +26,7 @@ import errno
 import io
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -385,16 +385,6 @@ def test_random_public_call_sequences_keep_the_order_rule(path: str, probe: Prob
 libc = ctypes.CDLL(None, use_errno=True)
 VFIO_GROUP_GET_DEVICE_FD = 0x3B6A
 KVM_DEV_VFIO_FILE_DEL = 2
-
-
-@pytest.fixture
-def traced() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    trace_to(stream)
-    try:
-        yield stream
-    finally:
-        trace_to(None)
 
 
 def test_checker_sees_an_open_before_file_add(probe: Probe) -> None:  # noqa: F811

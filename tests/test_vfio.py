@@ -15,7 +15,6 @@ import pytest
 
 from pyvmm._native import lib
 from pyvmm.errors import DeviceAssignmentError, KvmIoctlError
-from pyvmm.ioctl import trace_to
 from pyvmm.kvm import Kvm, Vm
 from pyvmm.vfio import KvmVfioDevice, VfioGroup, VfioOrderError, VfioRegistration
 
@@ -26,16 +25,6 @@ pytestmark = pytest.mark.usefixtures("kvm_required")
 def vm() -> Iterator[Vm]:
     with Kvm() as kvm, kvm.create_vm() as vm:
         yield vm
-
-
-@pytest.fixture
-def traced() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    trace_to(stream)
-    try:
-        yield stream
-    finally:
-        trace_to(None)
 
 
 @pytest.fixture
