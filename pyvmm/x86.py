@@ -41,6 +41,7 @@ MSR_MTRR_DEF_TYPE = 0x2FF
 #: MTRRs enabled, default type write-back. Once a VFIO device makes DMA non-coherent, KVM
 #: honours guest MTRRs, and a guest left with the reset value (uncached) crawls.
 MTRR_DEF_TYPE_WB_ENABLED = 0xC06
+CPUID_1_ECX_HYPERVISOR = 1 << 31
 
 
 class CpuMode(enum.Enum):
@@ -130,7 +131,12 @@ def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
 
 
 def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
-    """The supported CPUID with vCPU index as its APIC ID (leaves 0x1, 0xB and 0x1F)."""
+    """The supported CPUID with vCPU index as its APIC ID (leaves 0x1, 0xB and 0x1F).
+
+    CPUID.1:ECX[31] (hypervisor) is set, as QEMU sets it on KVM: Linux reads the hypervisor
+    leaves (0x40000000: KVM's signature and features, kvm-clock among them) only when it is,
+    and KVM_GET_SUPPORTED_CPUID does not always report it (the rig's 6.12 does not; 6.18 does).
+    """
     cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": supported.nent, "entries": supported.nent})
     ffi.memmove(
         cpuid.entries, supported.entries, supported.nent * ffi.sizeof("struct kvm_cpuid_entry2")
@@ -139,6 +145,7 @@ def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
         entry = cpuid.entries[i]
         if entry.function == 1:
             entry.ebx = (entry.ebx & 0x00FFFFFF) | (index << 24)
+            entry.ecx |= CPUID_1_ECX_HYPERVISOR
         elif entry.function in (0xB, 0x1F):
             entry.edx = index
     return cpuid
