@@ -1,0 +1,82 @@
+"""Forwarded ranges whose fd fails, on the real /dev/kvm: strict ends the run, tolerant goes on.
+
+The fds fail in the kernel, not in a fake: pread and pwrite on a pipe are ESPIPE; pwrite on
+a file opened read-only is EBADF. The guest, unclaimed_mmio, reads a dword at 0xE0000000,
+prints it, writes a dword there and ends with guest_exit(2) (status 5).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from pyvmm import ExitStatus, Machine
+from pyvmm.bus import FirstFault, ForwardFaults
+
+WINDOW = 0xE000_0000
+#: Where on the fd the window starts: the recorded offset is on the fd, not in the window.
+FD_OFFSET = 0x100
+GUEST_STATUS = 5
+
+
+@pytest.fixture
+def pipe_end() -> Iterator[int]:
+    """The read end of a pipe: every pread and pwrite on it fails with ESPIPE."""
+    read_end, write_end = os.pipe()
+    yield read_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_strict_forward_ends_the_run_on_a_failing_fd(run_guest, pipe_end):
+    def setup(machine: Machine) -> None:
+        assert machine.forward_mmio(WINDOW, 0x1000, pipe_end, FD_OFFSET) is None
+
+    result = run_guest("unclaimed_mmio", setup=setup)
+    assert (result.outcome, result.exit_status) == ("device-error", ExitStatus.DEVICE_ERROR)
+    assert "forwarded access failed: ESPIPE" in result.message
+    assert "read " not in result.serial_text  # the guest never got its value
+
+
+def test_tolerant_forward_reads_ones_drops_writes_and_records(run_guest, pipe_end):
+    faults: list[ForwardFaults | None] = []
+
+    def setup(machine: Machine) -> None:
+        faults.append(machine.forward_mmio(WINDOW, 0x1000, pipe_end, FD_OFFSET, tolerant=True))
+
+    result = run_guest("unclaimed_mmio", setup=setup)
+    assert (result.outcome, result.exit_status) == ("exit", GUEST_STATUS), result.message
+    assert "read ffffffff" in result.serial_text
+    record = faults[0]
+    assert record is not None
+    assert record.count == 2  # the read, then the write
+    assert record.first == FirstFault(FD_OFFSET, errno.ESPIPE, 4, False)
+    assert result.unclaimed_mmio.count == 0  # served (and refused) by the range, not unclaimed
+
+
+def test_tolerant_forward_drops_a_failing_write_and_keeps_good_reads(run_guest):
+    backing = os.memfd_create("read-only window")
+    os.pwrite(backing, struct.pack("<I", 0x600DCAFE), FD_OFFSET)
+    read_only = os.open(f"/proc/self/fd/{backing}", os.O_RDONLY)
+    faults: list[ForwardFaults | None] = []
+
+    def setup(machine: Machine) -> None:
+        faults.append(machine.forward_mmio(WINDOW, 0x1000, read_only, FD_OFFSET, tolerant=True))
+
+    try:
+        result = run_guest("unclaimed_mmio", setup=setup)
+        contents = os.pread(backing, 4, FD_OFFSET)
+    finally:
+        os.close(read_only)
+        os.close(backing)
+    assert (result.outcome, result.exit_status) == ("exit", GUEST_STATUS), result.message
+    assert "read 600dcafe" in result.serial_text
+    assert contents == struct.pack("<I", 0x600DCAFE)  # the write went nowhere
+    record = faults[0]
+    assert record is not None
+    assert record.count == 1
+    assert record.first == FirstFault(FD_OFFSET, errno.EBADF, 4, True)
