@@ -198,6 +198,7 @@ class Machine:
                 slots=self.memory_slots,
                 resources=self._resources,
                 mmap_bars=mmap,
+                label=device,
                 guest_ram=[(r.guest_phys_addr, r.size) for r in self.memory.regions],
             )
         except BaseException:
