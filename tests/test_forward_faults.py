@@ -80,3 +80,20 @@ def test_tolerant_forward_drops_a_failing_write_and_keeps_good_reads(run_guest):
     assert record is not None
     assert record.count == 1
     assert record.first == FirstFault(FD_OFFSET, errno.EBADF, 4, True)
+
+
+def test_tolerant_port_forward_reads_ones_for_the_whole_access(run_guest, pipe_end):
+    """Ports take the same path: straddle reads and writes a dword at port 0x511, across the
+    end of ports 0x510-0x511; the byte inside fails on the fd, so the whole dword is ones."""
+    faults: list[ForwardFaults | None] = []
+
+    def setup(machine: Machine) -> None:
+        faults.append(machine.forward_pio(0x510, 2, pipe_end, FD_OFFSET, tolerant=True))
+
+    result = run_guest("straddle", setup=setup)
+    assert (result.outcome, result.exit_status) == ("exit", 0), result.message
+    assert result.serial_text.endswith("port ffffffff\n"), result.serial_text
+    record = faults[0]
+    assert record is not None
+    assert record.count == 2
+    assert record.first == FirstFault(FD_OFFSET + 1, errno.ESPIPE, 4, False)
