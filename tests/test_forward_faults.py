@@ -12,10 +12,12 @@ import os
 import struct
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from pyvmm import ExitStatus, Machine
-from pyvmm.bus import FirstFault, ForwardFaults
+from pyvmm._native import ffi, lib
+from pyvmm.bus import FirstFault, ForwardFaults, NativeHandler
 
 WINDOW = 0xE000_0000
 #: Where on the fd the window starts: the recorded offset is on the fd, not in the window.
@@ -97,3 +99,36 @@ def test_tolerant_port_forward_reads_ones_for_the_whole_access(run_guest, pipe_e
     assert record is not None
     assert record.count == 2
     assert record.first == FirstFault(FD_OFFSET + 1, errno.ESPIPE, 4, False)
+
+
+def test_tolerant_msix_window_forwards_the_rest_tolerantly(run_guest, pipe_end):
+    """An MSI-X window (table emulated, the rest forwarded, as for a PBA) with a failing fd:
+    unclaimed_mmio's accesses at the window's offset 0 miss the table at 0x800, so they go
+    to the fd and fail, and the guest goes on."""
+    table = np.zeros(16, dtype=np.uint8)
+    faults = ForwardFaults()
+    keep = []
+
+    def setup(machine: Machine) -> None:
+        window = ffi.new(
+            "struct pyvmm_msix_window *",
+            {"table_offset": 0x800, "table_size": 16, "table": ffi.from_buffer(table)},
+        )
+        keep.append(window)
+        handler = NativeHandler(
+            lib.PYVMM_HANDLER_MSIX,
+            fd=pipe_end,
+            fd_offset=FD_OFFSET,
+            device=window,
+            keep=window,
+            python=lambda offset, data, is_write: None,
+            faults=faults,
+        )
+        machine.mmio.add(WINDOW, 0x1000, handler, "MSI-X window")
+
+    result = run_guest("unclaimed_mmio", setup=setup)
+    assert (result.outcome, result.exit_status) == ("exit", GUEST_STATUS), result.message
+    assert "read ffffffff" in result.serial_text
+    assert faults.count == 2
+    assert faults.first == FirstFault(FD_OFFSET, errno.ESPIPE, 4, False)
+    assert not table.any()  # the table was not touched
