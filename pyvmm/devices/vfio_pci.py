@@ -16,7 +16,8 @@ The guest sees the device's own configuration space, except where the VMM must o
 Nothing the guest writes ends the run. What the host refuses (a BAR over RAM, an interrupt
 set-up VFIO or KVM rejects) leaves the guest a device that does not decode there or whose
 interrupt does not arrive, as QEMU's vfio-pci reports an error and carries on, and records
-a one-line warning (``warnings``) that the CLI prints at the end of the run.
+a one-line warning (``warnings``) that the CLI prints at the end of the run. A trapped BAR
+access the device refuses reads as all ones or is dropped, with a warning per BAR.
 
 One device, one file, as in kvmtool: set-up, configuration space, BARs, interrupts, teardown.
 """
