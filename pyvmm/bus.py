@@ -26,6 +26,43 @@ PythonHandler = Callable[[int, memoryview, bool], None]
 
 
 @dataclass(frozen=True)
+class FirstFault:
+    """The first failed access of a tolerant forwarded range."""
+
+    fd_offset: int  #: where on the fd it went
+    errno: int
+    size: int  #: bytes
+    is_write: bool
+
+
+class ForwardFaults:
+    """Failed accesses of tolerant forwarded ranges (struct pyvmm_forward_faults).
+
+    On a tolerant range a failing pread gives the guest all ones and a failing pwrite is
+    dropped, as QEMU's vfio_region_read/write do; this record counts them (all vCPUs) and
+    keeps the first. One record may serve several ranges (the trapped pieces of one BAR).
+    """
+
+    def __init__(self) -> None:
+        self.record = ffi.new("struct pyvmm_forward_faults *")
+
+    @property
+    def count(self) -> int:
+        """Failed accesses so far."""
+        return int(self.record.count)
+
+    @property
+    def first(self) -> FirstFault | None:
+        """The first failed access, once its loop has written it whole."""
+        if not self.record.first_ready:
+            return None
+        record = self.record
+        return FirstFault(
+            record.first_offset, record.first_errno, record.first_size, bool(record.first_is_write)
+        )
+
+
+@dataclass(frozen=True)
 class NativeHandler:
     """A range served inside the C run loop, without entering Python."""
 
@@ -36,6 +73,8 @@ class NativeHandler:
     keep: Any = None  #: keeps the memory behind device alive as long as the range
     #: Called like a PythonHandler for the accesses the C side hands back (MSI-X table writes).
     python: PythonHandler | None = None
+    #: For fd forwarding: None ends the run on a failing access; else the range is tolerant.
+    faults: ForwardFaults | None = None
 
 
 @dataclass(frozen=True)
@@ -184,9 +223,21 @@ class Bus:
                     counts[key] = counts.get(key, 0) + count
         return {key: count for key, count in counts.items() if count}
 
-    def add_fd(self, base: int, length: int, fd: int, fd_offset: int = 0, name: str = "") -> None:
-        """Forward accesses to fd with pread/pwrite at fd_offset + (address - base), natively."""
-        handler = NativeHandler(lib.PYVMM_HANDLER_FD, fd=fd, fd_offset=fd_offset)
+    def add_fd(
+        self,
+        base: int,
+        length: int,
+        fd: int,
+        fd_offset: int = 0,
+        name: str = "",
+        faults: ForwardFaults | None = None,
+    ) -> None:
+        """Forward accesses to fd with pread/pwrite at fd_offset + (address - base), natively.
+
+        A failing access ends the run (status DEVICE_ERROR), unless faults is given: then the
+        guest reads all ones or its write is dropped, and faults records it.
+        """
+        handler = NativeHandler(lib.PYVMM_HANDLER_FD, fd=fd, fd_offset=fd_offset, faults=faults)
         self.add(base, length, handler, name or f"fd {fd}")
 
     def add_buffer(self, base: int, length: int, name: str = "") -> np.ndarray:
@@ -229,6 +280,7 @@ class Bus:
                         entry.fd = handler.fd
                         entry.fd_offset = handler.fd_offset
                         entry.device = handler.device
+                        entry.faults = handler.faults.record if handler.faults else ffi.NULL
                     else:
                         entry.kind = lib.PYVMM_HANDLER_PYTHON
                 python = _python_handlers(ranges)

@@ -22,7 +22,7 @@ from pyvmm import hostdev
 from pyvmm._native import lib
 from pyvmm.assign import Undo, VfioAssignments
 from pyvmm.boot import BootPlan, BootProtocol, load_guest
-from pyvmm.bus import Bus, PythonHandler
+from pyvmm.bus import Bus, ForwardFaults, PythonHandler
 from pyvmm.devices.debug_exit import add_debug_exit
 from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
 from pyvmm.devices.power import add_power_off
@@ -198,6 +198,7 @@ class Machine:
                 slots=self.memory_slots,
                 resources=self._resources,
                 mmap_bars=mmap,
+                label=device,
                 guest_ram=[(r.guest_phys_addr, r.size) for r in self.memory.regions],
             )
         except BaseException:
@@ -259,13 +260,30 @@ class Machine:
         """Serve MMIO [base, base + length) with a Python handler(offset, data, is_write)."""
         self.mmio.add(base, length, handler, name)
 
-    def forward_pio(self, base: int, length: int, fd: int, offset: int = 0) -> None:
-        """Serve ports natively by pread/pwrite on fd at offset + (port - base)."""
-        self.pio.add_fd(base, length, fd, offset)
+    def forward_pio(
+        self, base: int, length: int, fd: int, offset: int = 0, *, tolerant: bool = False
+    ) -> ForwardFaults | None:
+        """Serve ports natively by pread/pwrite on fd at offset + (port - base).
 
-    def forward_mmio(self, base: int, length: int, fd: int, offset: int = 0) -> None:
-        """Serve MMIO natively by pread/pwrite on fd at offset + (address - base)."""
-        self.mmio.add_fd(base, length, fd, offset)
+        By default a failing pread/pwrite ends the run (status 22, "forwarded access
+        failed"). With tolerant=True it is the guest's problem, as for an assigned device's
+        BARs: a failed read gives all ones, a failed write is dropped, and the returned
+        ForwardFaults counts them and keeps the first.
+        """
+        faults = ForwardFaults() if tolerant else None
+        self.pio.add_fd(base, length, fd, offset, faults=faults)
+        return faults
+
+    def forward_mmio(
+        self, base: int, length: int, fd: int, offset: int = 0, *, tolerant: bool = False
+    ) -> ForwardFaults | None:
+        """Serve MMIO natively by pread/pwrite on fd at offset + (address - base).
+
+        Failures end the run, or with tolerant=True are recorded, as in forward_pio.
+        """
+        faults = ForwardFaults() if tolerant else None
+        self.mmio.add_fd(base, length, fd, offset, faults=faults)
+        return faults
 
     def pio_buffer(self, base: int, length: int, name: str = "") -> np.ndarray:
         """Back ports [base, base + length) with a host byte array, served natively."""

@@ -18,7 +18,8 @@ enum pyvmm_handler_kind {
 	PYVMM_HANDLER_UART = 1,       /* struct pyvmm_uart in .device */
 	PYVMM_HANDLER_DEBUG_EXIT = 2, /* QEMU isa-debug-exit: a write of v ends the run, (v << 1) | 1 */
 	PYVMM_HANDLER_POWEROFF = 3,   /* ACPI PM1a control: a write with SLP_EN ends the run, status 0 */
-	PYVMM_HANDLER_FD = 4,         /* pread/pwrite on .fd at .fd_offset + (address - base) */
+	PYVMM_HANDLER_FD = 4,         /* pread/pwrite on .fd at .fd_offset + (address - base);
+				       * a failure as .faults says */
 	PYVMM_HANDLER_BUFFER = 5,     /* host memory at .device: writes land there, reads come from it */
 	PYVMM_HANDLER_RESET = 7,      /* reset control (port 0xCF9): a write with bit 2 set ends the
 				       * run as a reboot */
@@ -35,6 +36,21 @@ struct pyvmm_msix_window {
 	uint8_t *table;
 };
 
+/*
+ * The failed accesses of tolerant forwarded ranges (one record may serve several ranges: the
+ * trapped pieces of one BAR). Any vCPU's loop may add to it at any time, without a lock: the
+ * failure that takes count from 0 to 1 alone writes the first_* fields, then sets first_ready
+ * (release), so a reader that sees first_ready (acquire) sees them whole.
+ */
+struct pyvmm_forward_faults {
+	uint64_t count;           /* failed accesses, all vCPUs */
+	uint64_t first_offset;    /* the fd offset of the first one */
+	int32_t first_errno;
+	uint32_t first_size;      /* bytes */
+	uint32_t first_is_write;
+	uint32_t first_ready;
+};
+
 /* One claimed range of a port I/O or MMIO bus. */
 struct pyvmm_range {
 	uint64_t base;
@@ -44,6 +60,12 @@ struct pyvmm_range {
 	uint64_t fd_offset;
 	void *device;
 	uint64_t hits;            /* accesses served (all vCPUs; for --stats) */
+	/*
+	 * NULL: strict, a failing pread/pwrite on .fd ends the run (PYVMM_STOP_ERROR). Else
+	 * tolerant, as QEMU's vfio_region_read/write: the failed read gives all ones, the failed
+	 * write is dropped, the failure is recorded here and the guest goes on.
+	 */
+	struct pyvmm_forward_faults *faults;
 };
 
 /*

@@ -75,13 +75,27 @@ static uint64_t load_le(const uint8_t *data, uint32_t size)
 /* SERVED: done; TO_PYTHON: served, but Python must see it (an MSI-X table write). */
 enum { SERVED = 0, TO_PYTHON = -1 };
 
+static void record_fault(struct pyvmm_forward_faults *faults, uint64_t fd_offset, int error,
+			 uint32_t size, int is_write)
+{
+	if (__atomic_fetch_add(&faults->count, 1, __ATOMIC_RELAXED) != 0)
+		return;
+	faults->first_offset = fd_offset;
+	faults->first_errno = error;
+	faults->first_size = size;
+	faults->first_is_write = is_write;
+	__atomic_store_n(&faults->first_ready, 1, __ATOMIC_RELEASE);
+}
+
 /* An access straddling the end of the range moves only the bytes inside it; the rest reads
- * as ones, as with PYVMM_HANDLER_BUFFER. The fd is never touched past the range. */
+ * as ones, as with PYVMM_HANDLER_BUFFER. The fd is never touched past the range. A failure
+ * ends the run, or on a tolerant range (.faults) is the guest's: see struct pyvmm_range. */
 static int forward(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *range,
 		   uint64_t offset, uint8_t *data, uint32_t size, int is_write)
 {
 	uint32_t inside = range->length - offset < size ? (uint32_t)(range->length - offset) : size;
 	ssize_t done;
+	int error;
 
 	if (is_write) {
 		done = pwrite(range->fd, data, inside, range->fd_offset + offset);
@@ -91,7 +105,14 @@ static int forward(struct pyvmm_vcpu_loop *loop, const struct pyvmm_range *range
 	}
 	if (done == (ssize_t)inside)
 		return SERVED;
-	loop->error = done < 0 ? errno : EIO;
+	error = done < 0 ? errno : EIO;  /* a short transfer: the device gave up part way */
+	if (range->faults) {
+		if (!is_write)
+			memset(data, 0xff, size);  /* the whole access, even what a short read gave */
+		record_fault(range->faults, range->fd_offset + offset, error, size, is_write);
+		return SERVED;
+	}
+	loop->error = error;
 	loop->error_in_device = 1;
 	loop->access_offset = offset;
 	return PYVMM_STOP_ERROR;

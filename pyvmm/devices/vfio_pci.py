@@ -16,7 +16,8 @@ The guest sees the device's own configuration space, except where the VMM must o
 Nothing the guest writes ends the run. What the host refuses (a BAR over RAM, an interrupt
 set-up VFIO or KVM rejects) leaves the guest a device that does not decode there or whose
 interrupt does not arrive, as QEMU's vfio-pci reports an error and carries on, and records
-a one-line warning (``warnings``) that the CLI prints at the end of the run.
+a one-line warning (``warnings``) that the CLI prints at the end of the run. A trapped BAR
+access the device refuses reads as all ones or is dropped, with a warning per BAR.
 
 One device, one file, as in kvmtool: set-up, configuration space, BARs, interrupts, teardown.
 """
@@ -24,6 +25,8 @@ One device, one file, as in kvmtool: set-up, configuration space, BARs, interrup
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,9 +71,12 @@ class VfioPciDevice:
         resources: PciResources,
         mmap_bars: bool = True,
         guest_ram: Sequence[tuple[int, int]] = (),
+        label: str = "",
     ) -> None:
-        """guest_ram: the (base, size) ranges of guest RAM, where no BAR may be decoded."""
+        """guest_ram: the (base, size) ranges of guest RAM, where no BAR may be decoded;
+        label: the device as the user named it (default: its VFIO name)."""
         self.device, self.slot, self.vm, self.pio, self.mmio = device, slot, vm, pio, mmio
+        self.label = label or device.name
         self.routing = routing
         self.mapper = BarMapper(
             device_name=device.name,
@@ -468,11 +474,29 @@ class VfioPciDevice:
             self.warnings_dropped += 1
 
     def warning_lines(self) -> list[str]:
-        """The warnings to print, one line each; past MAX_WARNINGS, a count of the rest."""
+        """The warnings to print, one line each; past MAX_WARNINGS, a count of the rest; then
+        one line per BAR with trapped accesses the device refused."""
         lines = list(self.warnings)
         if self.warnings_dropped:
             lines.append(f"{self.device.name}: {self.warnings_dropped} more warnings like these")
+        for bar in [*self.bars.values(), *([self.rom] if self.rom else [])]:
+            line = self._fault_line(bar)
+            if line:
+                lines.append(line)
         return lines
+
+    def _fault_line(self, bar: Bar) -> str | None:
+        first = bar.faults.first
+        if first is None:
+            return None
+        count = bar.faults.count
+        access = f"{'write' if first.is_write else 'read'} of {first.size} bytes"
+        error = f"{errno.errorcode.get(first.errno, first.errno)} ({os.strerror(first.errno)})"
+        return (
+            f"{self.label}: {bar.name}: {count} access{'es' if count != 1 else ''} refused by "
+            f"the device, the first a {access} at offset {first.fd_offset - bar.region.offset:#x}"
+            f": {error}; the guest read all ones and its writes were dropped"
+        )
 
     # ---- teardown ------------------------------------------------------------------------
     def close(self) -> None:

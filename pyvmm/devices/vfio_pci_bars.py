@@ -3,7 +3,10 @@
 A memory BAR whose VFIO region may be mmap'd becomes KVM memory slots, so guest accesses
 cause no exits at all; the pages holding the MSI-X table, and BARs that cannot be mmap'd
 (I/O BARs, mmap turned off), are trapped and forwarded to the device by the C run loop
-(pread/pwrite on the device fd), never entering Python.
+(pread/pwrite on the device fd), never entering Python. A trapped access the device refuses
+(vfio-pci refuses memory BARs while memory decode is off in its view of the command register)
+is the guest's problem, as in QEMU: the read gives all ones, the write is dropped, and the
+BAR's ``faults`` count it for a warning at the end of the run.
 
 The guest may move a BAR anywhere. Where the place is taken (guest RAM, another device's
 range, a platform device such as the IOAPIC or the local APIC, the firmware ROM) or cannot
@@ -22,7 +25,7 @@ from typing import Any
 
 from pyvmm._native import ffi, lib
 from pyvmm.acpi import IOAPIC_ADDRESS, LOCAL_APIC_ADDRESS
-from pyvmm.bus import Bus, NativeHandler, PythonHandler
+from pyvmm.bus import Bus, ForwardFaults, NativeHandler, PythonHandler
 from pyvmm.errors import PyvmmError
 from pyvmm.firmware import ROM_BASE, ROM_SIZE
 from pyvmm.kvm import Vm
@@ -60,6 +63,8 @@ class Bar:
     refused_at: int | None = None
     slots: list[tuple[int, int, Any, Any]] = field(default_factory=list)
     ranges: list[tuple[Bus, int]] = field(default_factory=list)
+    #: Trapped accesses the device refused, wherever the BAR was: one record for all its pieces.
+    faults: ForwardFaults = field(default_factory=ForwardFaults)
 
     @property
     def size(self) -> int:
@@ -188,7 +193,7 @@ class BarMapper:
         name = f"{self.device_name} {bar.name}"
         fd, region = self.fd, bar.region
         if bar.is_io:
-            self.pio.add_fd(bar.address, bar.size, fd, region.offset, name)
+            self.pio.add_fd(bar.address, bar.size, fd, region.offset, name, bar.faults)
             bar.ranges.append((self.pio, bar.address))
             return
         for kind, start, length in segments(bar, msix, self.mmap_bars):
@@ -197,7 +202,7 @@ class BarMapper:
                 self._map_msix_window(bar, base, start, length, msix, table_written)
                 continue
             # Claimed on the bus even where mapped: the overlap check then sees every BAR.
-            self.mmio.add_fd(base, length, fd, region.offset + start, name)
+            self.mmio.add_fd(base, length, fd, region.offset + start, name, bar.faults)
             bar.ranges.append((self.mmio, base))
             if kind == "mmap":
                 mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, offset=region.offset + start)
@@ -237,6 +242,7 @@ class BarMapper:
             device=window,
             keep=(window, msix.table),
             python=table_written,
+            faults=bar.faults,  # the PBA and what else shares the table's pages
         )
         self.mmio.add(base, length, handler, f"{self.device_name} MSI-X table")
         bar.ranges.append((self.mmio, base))
