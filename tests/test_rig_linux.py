@@ -23,7 +23,7 @@ from tests.test_rig_assign import rig_env
 pytestmark = pytest.mark.rig
 #: A boot takes 20-40 s in the rig; one that hangs is given up on after this long.
 ATTEMPT_TIMEOUT = 150
-ATTEMPTS = 3
+ATTEMPTS = 4
 MARKER = "PYVMM-LINUX-MARKER"
 BUSYBOX = Path("/bin/busybox")
 
