@@ -16,6 +16,7 @@ from typing import Any
 from pyvmm._native import ffi
 from pyvmm.bus import NativeHandler
 from pyvmm.errors import DeviceHandlerError, ExitStatus
+from pyvmm.ioctl import trace
 from pyvmm.result import EXIT_REASON_NAMES, RunResult, Unclaimed, describe_stop, register_dump
 from pyvmm.vcpu import VcpuRunner, VcpuStop
 
@@ -76,6 +77,9 @@ class MachineRun:
             for r in self.runners
         ]
         started = time.monotonic()
+        # Marks in --trace where set-up ends and teardown begins: what lies between is what
+        # the guest made pyvmm do (the fault walks fail exactly those calls).
+        trace("run: vCPUs start")
         try:
             for thread in threads:
                 thread.start()
@@ -85,6 +89,7 @@ class MachineRun:
             self._stop_all()
             for runner, thread in zip(self.runners, threads, strict=True):
                 self._join(runner, thread)
+            trace("run: vCPUs stopped")
             # Machine.close() puts them back once it has released everything: a Ctrl-C
             # during teardown must not abort it.
             self.machine.signal_handlers.update(previous)

@@ -510,6 +510,7 @@ class VfioPciDevice:
         for bar in [*self.bars.values(), *([self.rom] if self.rom else [])]:
             with contextlib.suppress(PyvmmError, OSError):
                 self.mapper.unmap(bar)
+        self.mapper.close()
         if self.flags & lib.VFIO_DEVICE_FLAGS_RESET:
             with contextlib.suppress(PyvmmError):
                 self.device.reset()

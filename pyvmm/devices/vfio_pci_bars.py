@@ -18,6 +18,7 @@ of a BAR claim their range on the MMIO bus, so that the bus's overlap check sees
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,6 +175,8 @@ class BarMapper:
         self.physical_bits = physical_address_bits()
         #: (BAR, its offset) of the MSI-X table's window while it is mapped.
         self.msix_window: tuple[Bar, int] | None = None
+        #: Memory slots KVM refused to delete, and their mappings: (slot, base, mmap, buffer).
+        self.stranded: list[tuple[int, int, mmap.mmap, Any]] = []
 
     def map(self, bar: Bar, msix: MsixCapability | None, table_written: PythonHandler) -> None:
         """Decode bar at bar.address, or raise BarRefusedError with nothing left mapped."""
@@ -249,9 +252,21 @@ class BarMapper:
         self.msix_window = (bar, start)
 
     def unmap(self, bar: Bar) -> None:
-        """Delete the BAR's memory slots and bus ranges: nothing decodes it afterwards."""
-        for slot, base, mapping, buffer in bar.slots:
-            self.vm.set_user_memory_region(slot, base, 0, 0)
+        """Delete the BAR's memory slots and bus ranges: nothing decodes it afterwards.
+
+        Every step runs even where KVM refuses one (the first refusal is raised at the end).
+        A slot KVM would not delete keeps its mapping, so that guest memory never points at
+        pages the host may reuse: it waits in ``stranded`` for close().
+        """
+        failure: PyvmmError | None = None
+        for entry in bar.slots:
+            slot, base, mapping, buffer = entry
+            try:
+                self.vm.set_user_memory_region(slot, base, 0, 0)
+            except PyvmmError as error:
+                failure = failure or error
+                self.stranded.append(entry)
+                continue
             self.memory_slots.release(slot)
             ffi.release(buffer)
             mapping.close()
@@ -260,3 +275,18 @@ class BarMapper:
         if self.msix_window is not None and self.msix_window[0] is bar:
             self.msix_window = None
         bar.slots, bar.ranges, bar.mapped_at = [], [], None
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        """At teardown, after unmap(): end the stranded slots' mappings, whatever KVM says.
+
+        Each mapping holds the device file open (the group or iommufd would stay busy); no
+        vCPU runs any more, so the guest can no longer reach the pages once they go.
+        """
+        stranded, self.stranded = self.stranded, []
+        for slot, base, mapping, buffer in stranded:
+            with contextlib.suppress(PyvmmError):
+                self.vm.set_user_memory_region(slot, base, 0, 0)
+            ffi.release(buffer)
+            mapping.close()
