@@ -227,12 +227,7 @@ int guest_main(unsigned cpu, unsigned ncpus)
 	(void)ncpus;
 	if (cpu != 0)
 		guest_halt();
-	for (i = 0; i < 2 && pci_find(nvme_ids[i][0], nvme_ids[i][1], &dev); i++)
-		;
-	if (i == 2) {
-		print("FAIL: find 8086:5845 or 1b36:0010 on bus 0 (got nothing, want a device)\n");
-		guest_exit(NOT_FOUND);
-	}
+	i = pci_require_any(nvme_ids, 2, &dev);
 
 	bar = pci_require_memory_bar(&dev, 0, BAD_BAR0);
 	printf("nvme: found %04x:%04x at ", nvme_ids[i][0], nvme_ids[i][1]);

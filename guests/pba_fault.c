@@ -27,17 +27,11 @@ enum failure { NOT_FOUND = PCI_NOT_FOUND, NO_MSIX, BAD_PBA_BAR, BAD_PBA, BAD_REF
 int guest_main(unsigned cpu, unsigned ncpus)
 {
 	struct pci_dev dev;
-	unsigned i;
 
 	(void)ncpus;
 	if (cpu != 0)
 		guest_halt();
-	for (i = 0; i < 2 && pci_find(nvme_ids[i][0], nvme_ids[i][1], &dev); i++)
-		;
-	if (i == 2) {
-		print("FAIL: find 8086:5845 or 1b36:0010 on bus 0 (got nothing, want a device)\n");
-		guest_exit(NOT_FOUND);
-	}
+	pci_require_any(nvme_ids, 2, &dev);
 	u8 cap = pci_find_cap(&dev, PCI_CAP_ID_MSIX);
 
 	if (!cap)

@@ -75,6 +75,18 @@ void pci_require(u16 vendor, u16 device, struct pci_dev *d)
 	guest_exit(PCI_NOT_FOUND);
 }
 
+unsigned pci_require_any(const u16 (*ids)[2], unsigned n, struct pci_dev *d)
+{
+	for (unsigned i = 0; i < n; i++)
+		if (pci_find(ids[i][0], ids[i][1], d) == 0)
+			return i;
+	print("FAIL: find ");
+	for (unsigned i = 0; i < n; i++)
+		printf("%s%04x:%04x", i ? " or " : "", ids[i][0], ids[i][1]);
+	print(" on bus 0 (got nothing, want a device)\n");
+	guest_exit(PCI_NOT_FOUND);
+}
+
 uptr pci_require_memory_bar(const struct pci_dev *d, unsigned index, u8 code)
 {
 	struct pci_bar bar = pci_read_bar(d, index);

@@ -80,6 +80,9 @@ int pci_find(u16 vendor, u16 device, struct pci_dev *d);
 #define PCI_NOT_FOUND 1
 /* pci_find, or print the FAIL line and guest_exit(PCI_NOT_FOUND). */
 void pci_require(u16 vendor, u16 device, struct pci_dev *d);
+/* The first of n (vendor, device) pairs that pci_find finds, by its index in
+ * ids; if none, the FAIL line and guest_exit(PCI_NOT_FOUND). */
+unsigned pci_require_any(const u16 (*ids)[2], unsigned n, struct pci_dev *d);
 
 /* What a base address register says. pyvmm has already placed every BAR
  * (as firmware would), so the guest only reads them. */
