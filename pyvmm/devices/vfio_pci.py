@@ -337,7 +337,7 @@ class VfioPciDevice:
 
     def _command_written(self, command: int) -> None:
         self.command = command
-        for bar in [*self.bars.values(), *([self.rom] if self.rom else [])]:
+        for bar in self._all_bars():
             self._bar_moved(bar)
 
     def _bar_moved(self, bar: Bar) -> None:
@@ -473,13 +473,17 @@ class VfioPciDevice:
         else:
             self.warnings_dropped += 1
 
+    def _all_bars(self) -> list[Bar]:
+        """The BARs, then the expansion ROM if the device has one."""
+        return [*self.bars.values(), *([self.rom] if self.rom else [])]
+
     def warning_lines(self) -> list[str]:
         """The warnings to print, one line each; past MAX_WARNINGS, a count of the rest; then
         one line per BAR with trapped accesses the device refused."""
         lines = list(self.warnings)
         if self.warnings_dropped:
             lines.append(f"{self.device.name}: {self.warnings_dropped} more warnings like these")
-        for bar in [*self.bars.values(), *([self.rom] if self.rom else [])]:
+        for bar in self._all_bars():
             line = self._fault_line(bar)
             if line:
                 lines.append(line)
@@ -507,7 +511,7 @@ class VfioPciDevice:
             self._disable_active()
         if self.intx is not None:
             self.intx.close()
-        for bar in [*self.bars.values(), *([self.rom] if self.rom else [])]:
+        for bar in self._all_bars():
             with contextlib.suppress(PyvmmError, OSError):
                 self.mapper.unmap(bar)
         self.mapper.close()
