@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from pyvmm.boot import BootProtocol
+from pyvmm.devices.options import is_emulated
 from pyvmm.errors import ExitStatus, PyvmmError
 from pyvmm.guests import guest_path
 from pyvmm.hostcli import add_parsers as add_device_parsers
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DEV",
         help="assign a host device through VFIO: PCI address (0000:00:02.0), sysfs path or "
-        "mdev UUID (repeatable; turns on --irqchip)",
+        "mdev UUID (turns on --irqchip); or add an emulated device as QEMU spells it: "
+        "isa-debug-exit[,iobase=N][,iosize=N] (repeatable)",
     )
     run.add_argument(
         "--vfio",
@@ -188,7 +190,7 @@ def run_command(args: argparse.Namespace) -> int:
         memory=args.memory,
         cpus=args.cpus,
         serial=args.serial,
-        irqchip=args.irqchip or bool(args.device),
+        irqchip=args.irqchip or any(not is_emulated(device) for device in args.device),
         fail_on_unclaimed=args.fail_on_unclaimed,
         kvm_path=args.kvm_device,
         firmware=args.firmware,
@@ -207,7 +209,10 @@ def run_command(args: argparse.Namespace) -> int:
         for warning in machine.boot.warnings:
             print(f"pyvmm: warning: {warning}", file=sys.stderr)
         for device in args.device:
-            machine.assign(device, vfio=args.vfio, mmap=not args.no_mmap)
+            if is_emulated(device):
+                machine.add_device(device)
+            else:
+                machine.assign(device, vfio=args.vfio, mmap=not args.no_mmap)
         if args.serial == "stdio" and _is_open(0):
             machine.serial.start_input(0)
         result = machine.run(timeout=args.timeout)

@@ -23,8 +23,9 @@ from pyvmm._native import lib
 from pyvmm.assign import Undo, VfioAssignments
 from pyvmm.boot import BootPlan, BootProtocol, load_guest
 from pyvmm.bus import Bus, ForwardFaults, PythonHandler
-from pyvmm.devices.debug_exit import add_debug_exit
+from pyvmm.devices.debug_exit import DEBUG_EXIT_PORT, add_debug_exit
 from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
+from pyvmm.devices.options import parse_device_option
 from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
 from pyvmm.devices.vfio_pci import VfioPciDevice
@@ -104,6 +105,7 @@ class Machine:
             self.serial = Serial16550(self.pio, serial, self.vm.fd if irqchip else -1)
             self._closers.append(self.serial.close)
             add_debug_exit(self.pio)
+            self._default_debug_exit = True
             add_power_off(self.pio)
             self.cmos = add_legacy_devices(self.pio, self.memory, cpus)
             self.fw_cfg: FwCfg | None = None
@@ -161,6 +163,21 @@ class Machine:
         map and the DSDT's window."""
         self._enable_pci()
         return self._resources.memory(size, is_64)
+
+    def add_device(self, option: str) -> None:
+        """Add an emulated device spelled as QEMU's -device (`isa-debug-exit,iobase=0x501`).
+
+        The first isa-debug-exit given replaces the default one at 0xF4, so that the ports
+        are where the user put them and nowhere else, as under QEMU.
+        """
+        if self._ran:
+            raise ConfigurationError("add devices before run()")
+        device = parse_device_option(option)
+        if device.name == "isa-debug-exit":
+            if self._default_debug_exit:
+                self.pio.remove(DEBUG_EXIT_PORT)
+                self._default_debug_exit = False
+            add_debug_exit(self.pio, device.properties["iobase"], device.properties["iosize"])
 
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.

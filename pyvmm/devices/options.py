@@ -1,0 +1,63 @@
+"""QEMU's `-device NAME,prop=value,...` spelling, for the emulated devices pyvmm offers.
+
+A QEMU user writes `--device isa-debug-exit,iobase=0xf4,iosize=4` to pyvmm as to QEMU. What
+is not an emulated device's name (a PCI address, a sysfs path, an mdev UUID) is a host device
+to assign through VFIO, and this module leaves it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyvmm.errors import ConfigurationError
+
+#: Each emulated device pyvmm offers by QEMU's name, with QEMU's properties and defaults.
+EMULATED_DEVICES: dict[str, dict[str, int]] = {
+    # hw/misc/debugexit.c: iobase 0x501, iosize 2 unless given.
+    "isa-debug-exit": {"iobase": 0x501, "iosize": 0x02},
+}
+
+
+@dataclass(frozen=True)
+class DeviceOption:
+    """One emulated device as the user spelled it: its name and every property's value."""
+
+    name: str
+    properties: dict[str, int]
+
+
+def is_emulated(text: str) -> bool:
+    """Whether a --device argument names an emulated device (else it is a host device)."""
+    return text.split(",", 1)[0] in EMULATED_DEVICES
+
+
+def _integer(device: str, key: str, text: str) -> int:
+    # QEMU's integer properties take C's spellings: 0x hex, a leading 0 octal, decimal.
+    octal = len(text) > 1 and text[0] == "0" and text[1].isdigit()
+    try:
+        return int(text, 8) if octal else int(text, 0)
+    except ValueError:
+        raise ConfigurationError(
+            f"--device {device}: {key}={text!r} is not a number (write e.g. {key}=0xf4)"
+        ) from None
+
+
+def parse_device_option(text: str) -> DeviceOption:
+    """Parse `NAME[,prop=value...]`; an unknown property or a bad value is a one-line error."""
+    name, *pairs = text.split(",")
+    defaults = EMULATED_DEVICES.get(name)
+    if defaults is None:
+        raise ConfigurationError(
+            f"--device {name}: not an emulated device (pyvmm has {', '.join(EMULATED_DEVICES)})"
+        )
+    properties = dict(defaults)
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if key not in defaults:
+            raise ConfigurationError(
+                f"--device {name}: no property {key!r} (it has {', '.join(defaults)})"
+            )
+        if not equals:
+            raise ConfigurationError(f"--device {name}: {key} needs a value ({key}=N)")
+        properties[key] = _integer(name, key, value)
+    return DeviceOption(name, properties)
