@@ -15,7 +15,7 @@
 #include "runtime.h"
 #include "multiboot.h"
 
-/* The value of the word "key=N" in s, or fallback where there is none. */
+/* The value N of the word "key=N" in line, or fallback where there is none. */
 static u32 word_value(const char *line, const char *key, u32 fallback)
 {
 	for (const char *s = line; *s; s++) {

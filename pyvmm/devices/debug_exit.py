@@ -13,9 +13,8 @@ from pyvmm._native import lib
 from pyvmm.bus import Bus, NativeHandler
 from pyvmm.errors import ConfigurationError
 
+#: Where every machine has one, and how many ports it claims there.
 DEBUG_EXIT_PORT = 0xF4
-
-
 DEBUG_EXIT_PORTS = 4
 
 
