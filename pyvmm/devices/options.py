@@ -15,6 +15,8 @@ from pyvmm.errors import ConfigurationError
 EMULATED_DEVICES: dict[str, dict[str, int]] = {
     # hw/misc/debugexit.c: iobase 0x501, iosize 2 unless given.
     "isa-debug-exit": {"iobase": 0x501, "iosize": 0x02},
+    # hw/misc/pc-testdev.c: fixed addresses, no properties.
+    "pc-testdev": {},
 }
 
 
@@ -55,7 +57,7 @@ def parse_device_option(text: str) -> DeviceOption:
         key, equals, value = pair.partition("=")
         if key not in defaults:
             raise ConfigurationError(
-                f"--device {name}: no property {key!r} (it has {', '.join(defaults)})"
+                f"--device {name}: no property {key!r} (it has {', '.join(defaults) or 'none'})"
             )
         if not equals:
             raise ConfigurationError(f"--device {name}: {key} needs a value ({key}=N)")
