@@ -6,8 +6,12 @@ QEMU (the reference) and pyvmm with `-device pc-testdev` and compares output and
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
+from pyvmm import guest_path
 from pyvmm.bus import Bus
 from pyvmm.devices.options import parse_device_option
 from pyvmm.devices.pc_testdev import IRQ_LINE_PORT, PcTestdev
@@ -70,3 +74,41 @@ def test_flush_port_keeps_the_page_contents(device):
 def test_iomem_window_is_64k_at_ff000000(device):
     assert device.iomem.size == 0x10000
     assert device.pio.find(0x2018) is None
+
+
+GUEST_DEVICES = ["pc-testdev", "isa-debug-exit,iobase=0xf4,iosize=4"]
+TIMEOUT = 60
+
+
+def run_qemu() -> subprocess.CompletedProcess:
+    devices = [word for device in GUEST_DEVICES for word in ("-device", device)]
+    command = [
+        "qemu-system-x86_64", "-machine", "q35", "-accel", "kvm", "-cpu",
+        "host,-arch-capabilities", "-m", "64M", "-display", "none", "-serial", "stdio",
+        "-no-reboot", *devices, "-kernel", str(guest_path("mb_pc_testdev")),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.mark.usefixtures("kvm_required")
+def test_guest_sees_what_it_sees_under_qemu(pyvmm_cli):
+    devices = [word for device in GUEST_DEVICES for word in ("--device", device)]
+    ours = pyvmm_cli(
+        "run", "mb_pc_testdev", *devices, "--timeout", str(TIMEOUT), timeout=TIMEOUT + 30
+    )
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert ours.stdout.endswith("mb_pc_testdev: all ok\n")
+    assert "Traceback" not in ours.stderr
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("no qemu-system-x86_64 to compare with (pyvmm's side passed)")
+    qemu = run_qemu()
+    assert (ours.stdout, ours.returncode) == (qemu.stdout, qemu.returncode), qemu.stderr
+
+
+@pytest.mark.usefixtures("kvm_required")
+def test_a_property_it_lacks_is_one_line_and_status_2(pyvmm_cli):
+    ours = pyvmm_cli("run", "mb_pc_testdev", "--device", "pc-testdev,iobase=0xe0", timeout=60)
+    assert ours.returncode == 2
+    assert ours.stderr.strip().splitlines() == [
+        "pyvmm: --device pc-testdev: no property 'iobase' (it has none)"
+    ]
