@@ -17,6 +17,8 @@ EMULATED_DEVICES: dict[str, dict[str, int]] = {
     "isa-debug-exit": {"iobase": 0x501, "iosize": 0x02},
     # hw/misc/pc-testdev.c: fixed addresses, no properties.
     "pc-testdev": {},
+    # hw/misc/pci-testdev.c: membar, the size of an optional BAR 2 (0: none).
+    "pci-testdev": {"membar": 0},
 }
 
 
