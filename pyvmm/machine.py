@@ -27,9 +27,7 @@ from pyvmm.devices.debug_exit import DEBUG_EXIT_PORT, add_debug_exit
 from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
 from pyvmm.devices.options import parse_device_option
 from pyvmm.devices.pc_testdev import PcTestdev, add_pc_testdev
-from pyvmm.devices.pci_testdev import IO_SIZE as PCI_TESTDEV_IO_SIZE
-from pyvmm.devices.pci_testdev import MEMORY_SIZE as PCI_TESTDEV_MEMORY_SIZE
-from pyvmm.devices.pci_testdev import PciTestdev
+from pyvmm.devices.pci_testdev import add_pci_testdev
 from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
 from pyvmm.devices.vfio_pci import VfioPciDevice
@@ -187,20 +185,12 @@ class Machine:
             self.enable_irqchip()  # its IRQ-line ports drive the in-kernel 8259 and IOAPIC
             self.pc_testdev = add_pc_testdev(self.pio, self.mmio, self.memory, self.vm.irq_line)
         elif device.name == "pci-testdev":
-            self._add_pci_testdev(device.properties["membar"])
+            add_pci_testdev(self, device.properties["membar"])
 
-    def _add_pci_testdev(self, membar_size: int) -> None:
-        """Plug in a pci-testdev with its BARs placed as firmware would (command left 0)."""
-        if membar_size & (membar_size - 1):
-            raise ConfigurationError(
-                f"--device pci-testdev: membar={membar_size:#x} is not a power of 2"
-            )
-        memory_bar = self.place_memory_bar(PCI_TESTDEV_MEMORY_SIZE, False)
-        io_bar = self._resources.io(PCI_TESTDEV_IO_SIZE)
-        membar = self.place_memory_bar(membar_size, True) if membar_size else 0
-        self.add_pci_function(
-            PciTestdev(self.pio, self.mmio, memory_bar, io_bar, membar, membar_size)
-        )
+    def place_io_bar(self, size: int) -> int:
+        """Place an I/O BAR for an emulated function, as for assigned devices; its first port."""
+        self._enable_pci()
+        return self._resources.io(size)
 
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.

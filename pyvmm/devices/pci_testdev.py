@@ -20,6 +20,8 @@ or of the writes made). Registers are served by Python handlers: only test guest
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from pyvmm.bus import Bus
 from pyvmm.errors import ConfigurationError
 from pyvmm.pci.config import (
@@ -199,3 +201,36 @@ class PciTestdev:
             return 0
         header = self.headers[self.current]
         return header[offset] if offset + 1 < len(header) else 0
+
+
+class PciHost(Protocol):
+    """What plugging in a function needs of the machine (Machine has it)."""
+
+    pio: Bus
+    mmio: Bus
+
+    def place_memory_bar(self, size: int, is_64: bool) -> int:
+        """Place a memory BAR; its address."""
+        ...
+
+    def place_io_bar(self, size: int) -> int:
+        """Place an I/O BAR; its first port."""
+        ...
+
+    def add_pci_function(self, function: PciTestdev) -> int:
+        """Plug the function into the next free slot; the slot."""
+        ...
+
+
+def add_pci_testdev(host: PciHost, membar_size: int = 0) -> PciTestdev:
+    """Plug in a pci-testdev with its BARs placed as firmware would (command left 0)."""
+    if membar_size & (membar_size - 1):
+        raise ConfigurationError(
+            f"--device pci-testdev: membar={membar_size:#x} is not a power of 2"
+        )
+    memory_bar = host.place_memory_bar(MEMORY_SIZE, False)
+    io_bar = host.place_io_bar(IO_SIZE)
+    membar = host.place_memory_bar(membar_size, True) if membar_size else 0
+    function = PciTestdev(host.pio, host.mmio, memory_bar, io_bar, membar, membar_size)
+    host.add_pci_function(function)
+    return function
