@@ -11,10 +11,11 @@
  * reading back, as firmware sizes them; then, with I/O and memory decoding
  * on, the tests behind BAR 0 (mmio) and BAR 1 (portio): select test t at
  * offset 0, check its header (count 0, width 1), write its data byte to its
- * offset WRITES times and read the count back. QEMU serves the eventfd
- * tests with KVM ioeventfds, so their count stays 0 there; pyvmm counts
- * them: like kvm-unit-tests, a count of 0 or of WRITES passes (the count is
- * not printed). Test 3 of each kind selects nothing: its width reads 0.
+ * offset WRITES times, then one other byte, and read the count back. The
+ * eventfd tests' writes go to KVM ioeventfds (under QEMU and pyvmm alike),
+ * so their count stays 0; as in kvm-unit-tests, a count of 0 or of the
+ * writes passes, and the count is printed. Test 3 of each kind selects
+ * nothing: its width reads 0.
  * Addresses and slots are the firmware's choice, so none is printed.
  * Output ends with "mb_pci_testdev: all ok" and power-off; a failed check
  * prints "FAIL: ..." and exits with its own code (enum failure).
@@ -165,7 +166,8 @@ static int run_test(const struct window *w, unsigned t)
 		guest_fail(F_COUNT, "count: 0 (ioeventfd) or the writes", count, WRITES);
 	if (count == WRITES + 1 && data == 0xFA)
 		guest_fail(F_COUNT, "datamatch counted other data", count, WRITES);
-	printf("%s test %u: \"%s\", offset 0x%x, data 0x%x: ok\n", w->kind, t, name, offset, data);
+	printf("%s test %u: \"%s\", offset 0x%x, data 0x%x: count %u\n", w->kind, t, name, offset,
+	       data, count);
 	return 1;
 }
 

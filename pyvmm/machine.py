@@ -185,7 +185,7 @@ class Machine:
             self.enable_irqchip()  # its IRQ-line ports drive the in-kernel 8259 and IOAPIC
             self.pc_testdev = add_pc_testdev(self.pio, self.mmio, self.memory, self.vm.irq_line)
         elif device.name == "pci-testdev":
-            add_pci_testdev(self, device.properties["membar"])
+            self._closers.append(add_pci_testdev(self, device.properties["membar"]).close)
 
     def place_io_bar(self, size: int) -> int:
         """Place an I/O BAR for an emulated function, as for assigned devices; its first port."""

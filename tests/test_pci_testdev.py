@@ -6,6 +6,7 @@ The host tests drive the function directly; the guest test runs mb_pci_testdev u
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -100,6 +101,28 @@ def test_decoding_follows_the_command_register_and_the_bars(function):
     assert function.pio.find(IO_BAR) is None and function.pio.find(0xD000)
     function.config_write(COMMAND, 2, 0x0)
     assert function.pio.find(0xD000) is None
+
+
+@pytest.mark.usefixtures("kvm_required")
+def test_eventfd_tests_arm_a_kvm_ioeventfd_where_the_bar_decodes():
+    from pyvmm.machine import Machine
+
+    with Machine(serial="capture") as machine:
+        machine.add_device("pci-testdev")
+        function = machine.pci.functions[1]
+        base = function.config_read(BAR0, 4)
+        function.config_write(COMMAND, 2, 0x3)
+        access(function.mmio, base, 2, write=True)  # mmio-datamatch-eventfd
+        assert function._armed == (base + 0x802, 1, False, 0xFA)
+        function.config_write(COMMAND, 2, 0x1)  # memory decoding off: nowhere to catch
+        assert function._armed is None
+        function.config_write(COMMAND, 2, 0x3)
+        access(function.mmio, base, 0, write=True)  # mmio-no-eventfd: plain counting
+        assert function._armed is None
+        eventfd = function.eventfd
+    assert function.eventfd == -1
+    with pytest.raises(OSError):
+        os.fstat(eventfd)
 
 
 def run_qemu(device: str) -> subprocess.CompletedProcess:

@@ -13,17 +13,21 @@ in. BARs 0 and 1 reach the same registers, a byte at a time:
 - a byte written at the test's offset counts, if the test matches any data or the byte is
   its data (0xFA).
 
-QEMU serves the two eventfd tests with KVM ioeventfds, so those writes never reach it and
-the count stays 0; pyvmm counts them plainly. kvm-unit-tests accepts either (a count of 0
-or of the writes made). Registers are served by Python handlers: only test guests use them.
+The two eventfd tests are what their names say: while one is selected, a KVM ioeventfd at
+its offset (matching its data, for datamatch) takes the write inside KVM, so it never reaches
+the device and the count stays 0, as under QEMU; reading the registers drains the eventfd.
+Without a VM (host tests) every write is counted. Registers are served by Python handlers:
+only test guests use them.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from pyvmm.bus import Bus
 from pyvmm.errors import ConfigurationError
+from pyvmm.kvm import Vm
 from pyvmm.pci.config import (
     BAR0,
     BAR_IO,
@@ -56,6 +60,8 @@ _COUNT = 12
 _MEMBAR_INDEX = 2
 #: Per byte of the command register: I/O, memory, bus master, parity; SERR, INTx disable.
 _COMMAND_WRITABLE = (0x47, 0x05)
+#: KVM_CAP_IOEVENTFD_ANY_LENGTH: an ioeventfd of length 0 takes a write of any width.
+_CAP_IOEVENTFD_ANY_LENGTH = 122
 
 
 def _header(index: int) -> bytearray:
@@ -74,9 +80,14 @@ class PciTestdev:
 
     def __init__(
         self, pio: Bus, mmio: Bus, memory_bar: int, io_bar: int, membar: int = 0,
-        membar_size: int = 0,
+        membar_size: int = 0, vm: Vm | None = None,
     ) -> None:  # fmt: skip
         self.pio, self.mmio = pio, mmio
+        self.vm = vm
+        #: one eventfd, shared by the tests in turn (QEMU gives each its own; one is armed)
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if vm else -1
+        #: the ioeventfd registered now: (address, length, is_io, datamatch)
+        self._armed: tuple[int, int, bool, int | None] | None = None
         self.space = bytearray(CONFIG_SPACE_SIZE)
         self.space[VENDOR_ID:4] = (VENDOR | DEVICE << 16).to_bytes(4, "little")
         self.space[CLASS_REVISION : CLASS_REVISION + 4] = (CLASS_CODE << 8).to_bytes(4, "little")
@@ -94,6 +105,45 @@ class PciTestdev:
         self.current: int | None = None
         #: what is claimed now, per BAR index: (bus, base)
         self._mapped: dict[int, tuple[Bus, int]] = {}
+
+    def close(self) -> None:
+        """Release the ioeventfd and its eventfd."""
+        self._disarm()
+        if self.eventfd >= 0:
+            os.close(self.eventfd)
+            self.eventfd = -1
+
+    def _arm(self) -> None:
+        """Register the selected eventfd test's ioeventfd where its BAR decodes now."""
+        if self.vm is None or self.current is None or self.current % len(_TESTS) == 0:
+            return
+        is_io = self.current >= len(_TESTS)
+        mapped = self._mapped.get(1 if is_io else 0)
+        if mapped is None:
+            return
+        header = self.headers[self.current]
+        address = mapped[1] + int.from_bytes(header[4:8], "little")
+        datamatch = header[8] if header[8] == _DATA_MATCH else None
+        # As QEMU: a wildcard MMIO test takes writes of any width where KVM can.
+        any_length = self.vm.kvm.check_extension(_CAP_IOEVENTFD_ANY_LENGTH) > 0
+        length = 0 if not is_io and datamatch is None and any_length else 1
+        self.vm.ioeventfd(self.eventfd, address, length, pio=is_io, datamatch=datamatch)
+        self._armed = (address, length, is_io, datamatch)
+
+    def _disarm(self) -> None:
+        if self._armed is None:
+            return
+        address, length, is_io, datamatch = self._armed
+        self._armed = None
+        self.vm.ioeventfd(
+            self.eventfd, address, length, pio=is_io, datamatch=datamatch, deassign=True
+        )
+
+    def _drain(self) -> None:
+        try:
+            os.eventfd_read(self.eventfd)
+        except BlockingIOError:
+            pass  # nothing signalled since the last read
 
     def _set_bar(self, index: int, address: int) -> None:
         size, flags = self.bars[index]
@@ -143,6 +193,11 @@ class PciTestdev:
         self.space[low : low + width] = number.to_bytes(width, "little")
 
     def _remap(self) -> None:
+        self._disarm()
+        self._map_bars()
+        self._arm()
+
+    def _map_bars(self) -> None:
         command = self.space[COMMAND]
         for index, (size, flags) in self.bars.items():
             if index == _MEMBAR_INDEX:
@@ -181,10 +236,12 @@ class PciTestdev:
 
     def _write_byte(self, kind: int, offset: int, byte: int) -> None:
         if offset == 0:
+            self._disarm()
             self.current = None
             if byte < len(_TESTS):
                 self.current = kind * len(_TESTS) + byte
                 self.headers[self.current][_COUNT : _COUNT + 4] = bytes(4)
+                self._arm()
             return
         if self.current is None:
             return
@@ -200,7 +257,11 @@ class PciTestdev:
         if self.current is None:
             return 0
         header = self.headers[self.current]
-        return header[offset] if offset + 1 < len(header) else 0
+        if offset + 1 >= len(header):
+            return 0
+        if self._armed is not None:
+            self._drain()
+        return header[offset]
 
 
 class PciHost(Protocol):
@@ -208,6 +269,7 @@ class PciHost(Protocol):
 
     pio: Bus
     mmio: Bus
+    vm: Vm
 
     def place_memory_bar(self, size: int, is_64: bool) -> int:
         """Place a memory BAR; its address."""
@@ -231,6 +293,6 @@ def add_pci_testdev(host: PciHost, membar_size: int = 0) -> PciTestdev:
     memory_bar = host.place_memory_bar(MEMORY_SIZE, False)
     io_bar = host.place_io_bar(IO_SIZE)
     membar = host.place_memory_bar(membar_size, True) if membar_size else 0
-    function = PciTestdev(host.pio, host.mmio, memory_bar, io_bar, membar, membar_size)
+    function = PciTestdev(host.pio, host.mmio, memory_bar, io_bar, membar, membar_size, vm=host.vm)
     host.add_pci_function(function)
     return function
