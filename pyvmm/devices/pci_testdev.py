@@ -1,8 +1,8 @@
 """QEMU's pci-testdev (1b36:0005): the PCI function kvm-unit-tests' pci test drives.
 
 As hw/misc/pci-testdev.c defines it: BAR 0 is 4 KiB of memory, BAR 1 256 I/O ports, and
-with `membar=N` BAR 2 is a 64-bit prefetchable memory BAR of N bytes that nothing answers
-in. BARs 0 and 1 reach the same registers, a byte at a time:
+with `membar=N` BAR 2 is a 64-bit prefetchable memory BAR of N bytes that reads 0 and drops
+writes (QEMU's is an empty region). BARs 0 and 1 reach the same registers, a byte at a time:
 
 - writing t to offset 0 selects test t of that BAR's kind (0 no-eventfd, 1 wildcard-eventfd,
   2 datamatch-eventfd; anything else selects none) and zeroes its count;
@@ -200,8 +200,6 @@ class PciTestdev:
     def _map_bars(self) -> None:
         command = self.space[COMMAND]
         for index, (size, flags) in self.bars.items():
-            if index == _MEMBAR_INDEX:
-                continue  # QEMU's membar is an empty region: nothing answers there
             is_io = bool(flags & BAR_IO)
             bus = self.pio if is_io else self.mmio
             enabled = command & (COMMAND_IO if is_io else COMMAND_MEMORY)
@@ -214,11 +212,18 @@ class PciTestdev:
                 old_bus.remove(old_base)
             if wanted is not None:
                 handler = self._io_access if is_io else self._memory_access
+                if index == _MEMBAR_INDEX:
+                    handler = self._empty_access
                 try:
                     bus.add(base, size, handler, f"pci-testdev BAR {index}")
                 except ConfigurationError:
                     continue  # placed over something else: it does not decode there
                 self._mapped[index] = wanted
+
+    def _empty_access(self, offset: int, data: memoryview, is_write: bool) -> None:
+        # QEMU's membar is an empty region: a read finds nothing (0), a write is dropped.
+        if not is_write:
+            data[:] = bytes(len(data))
 
     def _memory_access(self, offset: int, data: memoryview, is_write: bool) -> None:
         self._access(0, offset, data, is_write)
