@@ -7,7 +7,8 @@
  *       -device isa-debug-exit,iobase=0xf4,iosize=4
  * Checks, one line each:
  *  - the 32-bit scratch register behind ports 0xE0 and 0xE8: written and read
- *    at any width and byte offset through either window;
+ *    at any width and byte offset through either window; the write-only
+ *    ports (flush, IRQ lines) read 0;
  *  - the 64 KiB MMIO window at 0xFF000000: its first and last words and bytes
  *    read back as written;
  *  - the flush-page port 0xE4: a page flushed keeps what the guest wrote;
@@ -98,6 +99,12 @@ static void check_scratch(void)
 	guest_expect(F_SCRATCH, "word at 0xe1", inw(SCRATCH_PORT + 1), 0xEF5A);
 	guest_expect(F_SCRATCH, "byte 3 at 0xe3", inb(SCRATCH_PORT + 3), 0xBE);
 	printf("scratch: 0x%x, the same at 0xe0 and 0xe8\n", inl(SCRATCH_PORT));
+	/* The write-only ports read 0 at any width, as QEMU's regions without a read do. */
+	guest_expect(F_SCRATCH, "flush port read", inl(FLUSH_PORT), 0);
+	guest_expect(F_SCRATCH, "flush port byte read", inb(FLUSH_PORT), 0);
+	guest_expect(F_SCRATCH, "irq-line port read", inb(IRQ_LINE_PORT + 3), 0);
+	guest_expect(F_SCRATCH, "irq-line port dword read", inl(IRQ_LINE_PORT + 4), 0);
+	print("write-only ports: the flush and irq-line ports read 0\n");
 }
 
 static void check_iomem(void)

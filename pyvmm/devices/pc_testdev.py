@@ -7,10 +7,10 @@ As hw/misc/pc-testdev.c places it:
   of the register);
 - port 0xE4: a 32-bit write of a guest-physical address "flushes" its page: the host page
   behind it is made inaccessible and accessible again, so that KVM must drop and rebuild its
-  mapping (what kvm-unit-tests' MMU notifier tests want);
+  mapping (what kvm-unit-tests' MMU notifier tests want); reads give 0;
 - ports 0x2000-0x2017: a byte write of v to 0x2000 + n sets interrupt line n to (v != 0),
   through the in-kernel irqchip (KVM_IRQ_LINE): lines 0-15 reach both the 8259 and the IOAPIC,
-  16-23 the IOAPIC only (QEMU asserts on those: its ISA bus has 16 lines);
+  16-23 the IOAPIC only (QEMU asserts on those: its ISA bus has 16 lines); reads give 0;
 - MMIO 0xFF000000-0xFF00FFFF: 64 KiB of scratch memory, read back as written.
 
 All but the MMIO window are rare test accesses, so Python handlers serve them; the window is
@@ -73,10 +73,10 @@ class PcTestdev:
                 data[index] = self.scratch[position] if position < 4 else 0
 
     def _flush_access(self, offset: int, data: memoryview, is_write: bool) -> None:
-        # QEMU takes only 32-bit writes at the port itself.
+        # QEMU takes only 32-bit writes at the port itself; reads, of any width, give 0.
         if not is_write or offset or len(data) != 4:
             if not is_write:
-                data[:] = b"\xff" * len(data)
+                data[:] = bytes(len(data))
             return
         page = int.from_bytes(data, "little") & ~(_PAGE - 1)
         region = self.memory.region_of(page, _PAGE)
@@ -88,9 +88,9 @@ class PcTestdev:
         self.flushed.append(page)
 
     def _irq_access(self, offset: int, data: memoryview, is_write: bool) -> None:
-        # Byte writes only, as QEMU's region takes; reads of a write-only port float high.
+        # Byte writes only, as QEMU's region takes; reads, of any width, give 0 as there.
         if not is_write:
-            data[:] = b"\xff" * len(data)
+            data[:] = bytes(len(data))
         elif len(data) == 1:
             self.irq_line(offset, int(data[0] != 0))
 
