@@ -60,6 +60,8 @@ def test_irq_line_ports_take_byte_writes_of_any_nonzero_as_high(device):
     access(device, IRQ_LINE_PORT + 23, 1, write=True)
     access(device, IRQ_LINE_PORT + 5, 1, 2, write=True)  # QEMU refuses wider writes
     assert device.lines == [(4, 1), (4, 0), (23, 1)]
+    assert access(device, IRQ_LINE_PORT + 4, size=4) == 0  # write-only: reads 0, as in QEMU
+    assert access(device, 0xE4, size=2) == 0
 
 
 def test_flush_port_keeps_the_page_contents(device):
