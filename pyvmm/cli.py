@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DEV",
         help="assign a host device through VFIO: PCI address (0000:00:02.0), sysfs path or "
         "mdev UUID (turns on --irqchip); or add an emulated device as QEMU spells it: "
-        "isa-debug-exit[,iobase=N][,iosize=N] (repeatable)",
+        "isa-debug-exit[,iobase=N][,iosize=N], pc-testdev, pci-testdev (repeatable)",
     )
     run.add_argument(
         "--vfio",

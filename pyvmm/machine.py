@@ -26,6 +26,8 @@ from pyvmm.bus import Bus, ForwardFaults, PythonHandler
 from pyvmm.devices.debug_exit import DEBUG_EXIT_PORT, add_debug_exit
 from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
 from pyvmm.devices.options import parse_device_option
+from pyvmm.devices.pc_testdev import PcTestdev, add_pc_testdev
+from pyvmm.devices.pci_testdev import add_pci_testdev
 from pyvmm.devices.power import add_power_off
 from pyvmm.devices.serial import Serial16550
 from pyvmm.devices.vfio_pci import VfioPciDevice
@@ -92,6 +94,7 @@ class Machine:
         #: the handlers a run replaced, put back once close() has released everything
         self.signal_handlers: dict[int, Any] = {}
         self.pci: PciBus | None = None
+        self.pc_testdev: PcTestdev | None = None
         self.assigned: list[VfioPciDevice] = []
         self._vfio: VfioAssignments | None = None
         try:
@@ -178,6 +181,16 @@ class Machine:
                 self.pio.remove(DEBUG_EXIT_PORT)
                 self._default_debug_exit = False
             add_debug_exit(self.pio, device.properties["iobase"], device.properties["iosize"])
+        elif device.name == "pc-testdev":
+            self.enable_irqchip()  # its IRQ-line ports drive the in-kernel 8259 and IOAPIC
+            self.pc_testdev = add_pc_testdev(self.pio, self.mmio, self.memory, self.vm.irq_line)
+        elif device.name == "pci-testdev":
+            self._closers.append(add_pci_testdev(self, device.properties["membar"]).close)
+
+    def place_io_bar(self, size: int) -> int:
+        """Place an I/O BAR for an emulated function, as for assigned devices; its first port."""
+        self._enable_pci()
+        return self._resources.io(size)
 
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.

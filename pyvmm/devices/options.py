@@ -7,6 +7,7 @@ to assign through VFIO, and this module leaves it alone.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pyvmm.errors import ConfigurationError
@@ -15,7 +16,19 @@ from pyvmm.errors import ConfigurationError
 EMULATED_DEVICES: dict[str, dict[str, int]] = {
     # hw/misc/debugexit.c: iobase 0x501, iosize 2 unless given.
     "isa-debug-exit": {"iobase": 0x501, "iosize": 0x02},
+    # hw/misc/pc-testdev.c: fixed addresses, no properties.
+    "pc-testdev": {},
+    # hw/misc/pci-testdev.c: membar, the size of an optional BAR 2 (0: none).
+    "pci-testdev": {"membar": 0},
 }
+
+#: The properties QEMU declares as sizes (DEFINE_PROP_SIZE): they take its size spellings.
+SIZE_PROPERTIES = {("pci-testdev", "membar")}
+
+#: qemu_strtosz's spellings: decimal (a fraction only with a suffix) or 0x hex, then
+#: optionally B, K, M, G, T, P or E in either case (powers of 1024).
+_SIZE = re.compile(r"(0x[0-9a-f]+|[0-9]+(?:\.[0-9]+)?)([bkmgtpe]?)", re.IGNORECASE)
+_SIZE_SUFFIXES = "bkmgtpe"
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,22 @@ def _integer(device: str, key: str, text: str) -> int:
         ) from None
 
 
+def _size(device: str, key: str, text: str) -> int:
+    match = _SIZE.fullmatch(text)
+    number, suffix = match.groups() if match else ("", "")
+    if not match or ("." in number and not suffix):
+        raise ConfigurationError(
+            f"--device {device}: {key}={text!r} is not a size (write e.g. {key}=1M or "
+            f"{key}=0x100000)"
+        )
+    scale = 1024 ** _SIZE_SUFFIXES.index(suffix.lower()) if suffix else 1
+    if number.lower().startswith("0x"):
+        return int(number, 16) * scale
+    whole, _, fraction = number.partition(".")
+    # Exact for the fractions of a suffix (1.5M) that a size is written with.
+    return int(whole) * scale + int(fraction or "0") * scale // 10 ** len(fraction)
+
+
 def parse_device_option(text: str) -> DeviceOption:
     """Parse `NAME[,prop=value...]`; an unknown property or a bad value is a one-line error."""
     name, *pairs = text.split(",")
@@ -55,9 +84,10 @@ def parse_device_option(text: str) -> DeviceOption:
         key, equals, value = pair.partition("=")
         if key not in defaults:
             raise ConfigurationError(
-                f"--device {name}: no property {key!r} (it has {', '.join(defaults)})"
+                f"--device {name}: no property {key!r} (it has {', '.join(defaults) or 'none'})"
             )
         if not equals:
             raise ConfigurationError(f"--device {name}: {key} needs a value ({key}=N)")
-        properties[key] = _integer(name, key, value)
+        parse = _size if (name, key) in SIZE_PROPERTIES else _integer
+        properties[key] = parse(name, key, value)
     return DeviceOption(name, properties)
