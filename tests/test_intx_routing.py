@@ -143,3 +143,10 @@ def test_interrupt_line_register_holds_the_slots_irq(kvm_required) -> None:
                 assert device.intx is not None and device.intx.gsi == line
             finally:
                 device.close()
+
+
+@pytest.mark.parametrize("guest", ["intx_pic", "intx_ioapic"])
+def test_intx_guests_fail_cleanly_without_a_device(run_guest, guest) -> None:
+    result = run_guest(guest, timeout=30)
+    assert result.exit_status == 3, result.serial_text  # guest_exit(1): not found
+    assert "FAIL: no edu (1234:11e8) or mtty (4348:3253) on bus 0" in result.serial_text
