@@ -19,8 +19,9 @@ What the tables describe is pyvmm's machine:
   KVM reports them in CPUID), the local APICs at 0xFEE00000, the 8259 pair (PCAT_COMPAT),
   KVM's IOAPIC with ID 0 at 0xFEC00000 from GSI 0 (QEMU's ACPI_BUILD_IOAPIC_ID, and what the
   in-kernel IOAPIC's ID register holds after reset), ISA IRQ 0 overridden to GSI 2 (the
-  PIT is wired to IOAPIC pin 2 on a PC), the SCI (IRQ 9) level-triggered active-high as
-  QEMU declares it, and NMI on LINT1 of every local APIC.
+  PIT is wired to IOAPIC pin 2 on a PC), IRQs 5, 9 (the SCI), 10 and 11 level-triggered
+  active-high as QEMU declares them (the IRQs PCI INTx is routed to: pci/config.py), and NMI
+  on LINT1 of every local APIC.
 - FADT (revision 6.0, 276 bytes; not hardware-reduced): the PM1a event block at
   port 0x600 (``add_pm1_event_block`` serves it) and the PM1a control block at port 0x604
   (devices/power.py: a write with SLP_EN powers off), SCI on IRQ 9, no SMI command port
@@ -30,7 +31,7 @@ What the tables describe is pyvmm's machine:
 - DSDT, hand-assembled AML: a Processor device (ACPI0007) per vCPU; the PCI root bridge
   \\_SB.PCI0 (PNP0A08, compatible PNP0A03, segment 0, bus 0) whose _CRS gives the bus
   range, the configuration ports 0xCF8-0xCFF and the windows pyvmm places BARs in
-  (pci/resources.py), whose _PRT gives the INTx wiring (pci/config.py: intx_gsi); a PNP0C02
+  (pci/resources.py), whose _PRT gives the INTx wiring (pci/config.py: intx_irq); a PNP0C02
   device reserving the ECAM window (Linux uses MCFG only where the area is reserved); and
   \\_S5 with SLP_TYPa = 0, so an OS powers off by writing 0x2000 to port 0x604, the
   value docs/guest-abi.md already gives.
@@ -53,7 +54,7 @@ from pyvmm.layout import (
     RSDP_ADDRESS,
     high_window,
 )
-from pyvmm.pci.config import intx_gsi
+from pyvmm.pci.config import PCI_IRQS, intx_irq
 from pyvmm.pci.host import ECAM_BASE, ECAM_SIZE, SLOTS
 from pyvmm.pci.resources import IO_WINDOW, MEMORY_WINDOW
 
@@ -347,12 +348,13 @@ def build_dsdt(cpus: int, ram_top: int = 0) -> bytes:
         resource_dword_memory(MEMORY_WINDOW[0], MEMORY_WINDOW[1] - 1),
         resource_qword_memory(high_base, high_end - 1),
     )
-    # ASL:  Name (_PRT, Package () { Package () { 0xSSSSFFFF, pin, Zero, gsi }, ... })
-    # Every slot's INTA-INTD, hard-wired to a GSI (source Zero), as pci/config.py wires them.
+    # ASL:  Name (_PRT, Package () { Package () { 0xSSSSFFFF, pin, Zero, irq }, ... })
+    # Every slot's INTA-INTD, hard-wired (source Zero) to the GSI of its link's IRQ: GSIs 0-15
+    # are the ISA IRQs, so the same number the interrupt line register holds.
     prt = aml_package(
         *(
             aml_package(aml_integer(slot << 16 | 0xFFFF), aml_integer(pin - 1),
-                        aml_integer(0), aml_integer(intx_gsi(slot, pin)))
+                        aml_integer(0), aml_integer(intx_irq(slot, pin)))
             for slot in range(1, SLOTS)
             for pin in range(1, 5)
         )
@@ -447,9 +449,12 @@ def build_madt(cpus: int) -> bytes:
     body += struct.pack("<BBBBII", MADT_IO_APIC, 12, IOAPIC_ID, 0, IOAPIC_ADDRESS, 0)
     # ISA bus (0), source IRQ, GSI, MPS INTI flags.
     body += struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, 0, 2, MPS_INTI_CONFORMS)
-    body += struct.pack(
-        "<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, SCI_IRQ, SCI_IRQ, MPS_INTI_ACTIVE_HIGH_LEVEL
-    )
+    # The IRQs PCI interrupts and the SCI use, level-triggered active-high, as QEMU
+    # declares them (the SCI, IRQ 9, is one of them).
+    for irq in PCI_IRQS:
+        body += struct.pack(
+            "<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, irq, irq, MPS_INTI_ACTIVE_HIGH_LEVEL
+        )
     # All processors (UID 0xFF), flags conforming, LINT1.
     body += struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, 0xFF, MPS_INTI_CONFORMS, 1)
     return sdt(b"APIC", MADT_REVISION, body)

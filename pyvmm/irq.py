@@ -6,7 +6,11 @@ KVM_CREATE_IRQCHIP, except that the PIT's GSI 0 goes to IOAPIC pin 2, as on a PC
 QEMU routes it) plus one MSI route per device vector, each on a GSI of its own from 24 up.
 An ``MsiVector`` is one device interrupt message: an eventfd that VFIO signals and a KVM irqfd
 that turns each signal into the MSI its route describes, with no exit to userspace. An
-``IntxLine`` is a VFIO device's level-triggered INTx on an IOAPIC pin.
+``IntxLine`` is a VFIO device's level-triggered INTx on the GSI of a legacy IRQ (10 or 11,
+pci/config.py), which reaches both the 8259 input and the IOAPIC pin of that number. Devices
+share a GSI as they share a line: KVM keeps one resampler per GSI and, at the guest's EOI,
+lowers the line and signals every resample eventfd on it, so each device is unmasked and
+raises the line again if it still has something pending.
 """
 
 from __future__ import annotations

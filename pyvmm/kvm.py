@@ -144,6 +144,29 @@ class Vm(FileHandle):
         config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
         _ioctl(self.fd, lib.KVM_CREATE_PIT2, "KVM_CREATE_PIT2", config)
 
+    def set_pic_elcr(self, irqs: Iterable[int]) -> None:
+        """Mark IRQs level-triggered in the in-kernel 8259s' ELCR (ports 0x4D0/0x4D1).
+
+        KVM serves the ELCR ports itself; PC firmware sets them for the IRQs it routes PCI
+        interrupts to, before the OS starts, and this is pyvmm's way to do the same.
+        """
+        for chip, first in ((lib.KVM_IRQCHIP_PIC_MASTER, 0), (lib.KVM_IRQCHIP_PIC_SLAVE, 8)):
+            state = ffi.new("struct kvm_irqchip *", {"chip_id": chip})
+            _ioctl(self.fd, lib.KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP", state, f"chip={chip}")
+            bits = sum(1 << (irq - first) for irq in irqs if first <= irq < first + 8)
+            state.chip.pic.elcr = bits & state.chip.pic.elcr_mask
+            detail = f"chip={chip}, elcr={state.chip.pic.elcr:#04x}"
+            _ioctl(self.fd, lib.KVM_SET_IRQCHIP, "KVM_SET_IRQCHIP", state, detail)
+
+    def pic_elcr(self) -> int:
+        """The 8259s' ELCR as one 16-bit value (bit n: IRQ n is level-triggered)."""
+        value = 0
+        for chip, first in ((lib.KVM_IRQCHIP_PIC_MASTER, 0), (lib.KVM_IRQCHIP_PIC_SLAVE, 8)):
+            state = ffi.new("struct kvm_irqchip *", {"chip_id": chip})
+            _ioctl(self.fd, lib.KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP", state, f"chip={chip}")
+            value |= state.chip.pic.elcr << first
+        return value
+
     def irq_line(self, irq: int, level: int) -> None:
         """Drive an in-kernel irqchip input (GSI) high or low."""
         line = ffi.new("struct kvm_irq_level *")

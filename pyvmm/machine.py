@@ -38,7 +38,7 @@ from pyvmm.kvm import Kvm, Vcpu
 from pyvmm.layout import VMX_IDENTITY_MAP, VMX_TSS
 from pyvmm.loader import LoadedImage
 from pyvmm.memory import GuestMemory, MemorySlots
-from pyvmm.pci.config import PciFunction
+from pyvmm.pci.config import PciFunction, level_triggered_irqs
 from pyvmm.pci.host import PciBus
 from pyvmm.pci.resources import PciResources
 from pyvmm.platform import add_legacy_devices, write_firmware_tables
@@ -125,13 +125,19 @@ class Machine:
         self.vm.set_tss_addr(VMX_TSS.start)
         self.vm.set_identity_map_addr(VMX_IDENTITY_MAP.start)
         if self.irqchip:
-            self.vm.create_irqchip()
-            self.vm.create_pit2()
+            self._create_irqchip()
         for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(
                 slot, region.guest_phys_addr, region.size, region.host_address
             )
         self.memory_slots = MemorySlots(len(self.memory.regions))
+
+    def _create_irqchip(self) -> None:
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        # What PC firmware does before any OS runs: the IRQs PCI INTx is routed to are
+        # level-triggered in the 8259s' ELCR (the same IRQs on the IOAPIC: pci/config.py).
+        self.vm.set_pic_elcr(level_triggered_irqs())
 
     def enable_irqchip(self) -> None:
         """Create the in-kernel irqchip and PIT now, if the machine has none (before run)."""
@@ -139,8 +145,7 @@ class Machine:
             return
         if self.vcpus:
             raise ConfigurationError("the irqchip must exist before the vCPUs: call before run()")
-        self.vm.create_irqchip()
-        self.vm.create_pit2()
+        self._create_irqchip()
         self.irqchip = True
         lib.pyvmm_uart_set_vm_fd(self.serial.uart, self.vm.fd)
 

@@ -15,10 +15,12 @@ spec tells an OS to search on 16-byte boundaries; the ACPI tables (acpi.py) keep
 - two buses: PCI bus 0 (bus ID 0) and ISA (bus ID 1), as SeaBIOS numbers them;
 - KVM's IOAPIC: ID 0, version 0x11, at 0xFEC00000 (acpi.py's MADT says the same);
 - I/O interrupt entries: ISA IRQs 0-15 to the IOAPIC pins of the same number, except IRQ 0
-  to pin 2 (the PC's timer override; source IRQ 2, the 8259 cascade, is then left out)
-  and IRQ 9, the ACPI SCI, active-high and level-triggered as in the MADT; then INTA-INTD of
-  every PCI slot to the pin pci/config.py wires it to, level-triggered active-low as the
-  PCI bus defines and as the DSDT's _PRT declares (KVM's IOAPIC ignores polarity anyway);
+  to pin 2 (the PC's timer override; source IRQ 2, the 8259 cascade, is then left out),
+  IRQ 9, the ACPI SCI, active-high and level-triggered as in the MADT, and IRQs 5, 10 and
+  11 left out, as SeaBIOS leaves them out: they are PCI's; then INTA-INTD of every PCI slot
+  to the IRQ pci/config.py routes it to (intx_irq, the same IOAPIC pin), active-high and
+  level-triggered (the PCI bus's trigger mode), as SeaBIOS writes them and as the MADT's
+  overrides for those IRQs say (KVM's IOAPIC ignores polarity anyway);
 - local interrupt entries: ExtINT (the 8259s) on LINT0 of the BSP, NMI on LINT1 of all.
 """
 
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING
 from pyvmm.acpi import IOAPIC_ADDRESS, IOAPIC_ID, LOCAL_APIC_ADDRESS, SCI_IRQ
 from pyvmm.errors import ConfigurationError
 from pyvmm.layout import MP_CONFIG_TABLE_ADDRESS, MP_TABLE
-from pyvmm.pci.config import intx_gsi
+from pyvmm.pci.config import PCI_IRQS, intx_irq
 from pyvmm.pci.host import SLOTS
 
 if TYPE_CHECKING:
@@ -57,6 +59,8 @@ PCI_BUS_ID, ISA_BUS_ID = 0, 1
 #: I/O interrupt flags: polarity in bits 0-1, trigger mode in bits 2-3; 0 conforms to the
 #: source bus (ISA: edge, active high; PCI: level, active low).
 CONFORMS = 0x0
+#: Active high, trigger mode of the bus (PCI: level), as SeaBIOS flags its PCI entries.
+ACTIVE_HIGH = 0x1
 ACTIVE_HIGH_LEVEL = 0xD
 ALL_LOCAL_APICS = 0xFF
 
@@ -98,14 +102,16 @@ def build_mp_table(
     for irq in range(16):
         if irq == 2:
             continue  # the cascade: pin 2 is IRQ 0's
+        if irq in PCI_IRQS and irq != SCI_IRQ:
+            continue  # PCI's, level-triggered: the PCI entries below name them
         pin = 2 if irq == 0 else irq
         flags = ACTIVE_HIGH_LEVEL if irq == SCI_IRQ else CONFORMS
         entries.append(_io_interrupt(flags, ISA_BUS_ID, irq, pin))
     for slot in range(1, SLOTS):
         for pin in range(1, 5):
             # A PCI source is (device << 2) | (INTA = 0 ... INTD = 3).
-            entries.append(_io_interrupt(CONFORMS, PCI_BUS_ID, slot << 2 | (pin - 1),
-                                         intx_gsi(slot, pin)))  # fmt: skip
+            entries.append(_io_interrupt(ACTIVE_HIGH, PCI_BUS_ID, slot << 2 | (pin - 1),
+                                         intx_irq(slot, pin)))  # fmt: skip
     entries.append(struct.pack("<BBHBBBB", ENTRY_LOCAL_INTERRUPT, EXTINT, CONFORMS,
                                ISA_BUS_ID, 0, 0, 0))  # fmt: skip
     entries.append(struct.pack("<BBHBBBB", ENTRY_LOCAL_INTERRUPT, NMI, CONFORMS,

@@ -27,7 +27,7 @@ from pyvmm.devices.power import PM1A_CONTROL_PORT, RESET_CONTROL_PORT
 from pyvmm.errors import ConfigurationError
 from pyvmm.memory import GIB, MIB, GuestMemory
 from pyvmm.mptable import build_mp_table, write_mp_table
-from pyvmm.pci.config import intx_gsi
+from pyvmm.pci.config import intx_irq
 from pyvmm.pci.host import ECAM_BASE, ECAM_SIZE
 
 CPU_COUNTS = [1, 2, 4, 9, 64]
@@ -122,12 +122,12 @@ def test_madt(cpus):
     (ioapic,) = [e for e in entries if e[0] == 1]
     assert (ioapic[2], u32(ioapic, 4), u32(ioapic, 8)) == (0, 0xFEC00000, 0)
     overrides = [(e[2], e[3], u32(e, 4), u16(e, 8)) for e in entries if e[0] == 2]
-    # IRQ 0 -> GSI 2 conforming; SCI IRQ 9 active-high, level-triggered.
-    assert overrides == [(0, 0, 2, 0), (0, 9, 9, 0xD)]
+    # IRQ 0 -> GSI 2 conforming; PCI's IRQs and the SCI (9) active-high, level-triggered.
+    assert overrides == [(0, 0, 2, 0)] + [(0, irq, irq, 0xD) for irq in (5, 9, 10, 11)]
     (nmi,) = [e for e in entries if e[0] == 4]
     assert (nmi[2], u16(nmi, 3), nmi[5]) == (0xFF, 0, 1)  # all processors, LINT1
     # Processors first, as the spec asks of the MADT's order.
-    assert [e[0] for e in entries] == [0] * cpus + [1, 2, 2, 4]
+    assert [e[0] for e in entries] == [0] * cpus + [1] + [2] * 5 + [4]
 
 
 @pytest.mark.parametrize("cpus", [1, 8, 9])
@@ -266,11 +266,13 @@ def test_mp_table(cpus):
     ]
     io = [(e[1], u16(e, 2), e[4], e[5], e[6], e[7]) for e in entries if e[0] == 3]
     isa = [(irq, flags, pin) for kind, flags, bus, irq, apic, pin in io if bus == 1]
-    want_isa = [(0, 0, 2)] + [(i, 0xD if i == 9 else 0, i) for i in range(3, 16)]
+    want_isa = [(0, 0, 2)] + [
+        (i, 0xD if i == 9 else 0, i) for i in range(3, 16) if i not in (5, 10, 11)
+    ]
     assert isa == [want_isa[0], (1, 0, 1), *want_isa[1:]]
-    pci = [(irq, pin) for kind, flags, bus, irq, apic, pin in io if bus == 0]
+    pci = [(irq, flags, pin) for kind, flags, bus, irq, apic, pin in io if bus == 0]
     assert pci == [
-        (slot << 2 | (p - 1), intx_gsi(slot, p)) for slot in range(1, 32) for p in range(1, 5)
+        (slot << 2 | (p - 1), 1, intx_irq(slot, p)) for slot in range(1, 32) for p in range(1, 5)
     ]
     assert all(kind == 0 and apic == 0 for kind, _, _, _, apic, _ in io)
     local = [(e[1], e[4], e[5], e[6], e[7]) for e in entries if e[0] == 4]
@@ -348,7 +350,7 @@ def test_iasl_madt(disassembled):
     assert "Local Apic Address : FEE00000" in text
     assert "PC-AT Compatibility : 1" in text
     assert "Subtable Type : 01 [I/O APIC]" in text and "Address : FEC00000" in text
-    assert text.count("[Interrupt Source Override]") == 2
+    assert text.count("[Interrupt Source Override]") == 5
     assert "Subtable Type : 04 [Local APIC NMI]" in text
     assert "Interrupt Input LINT : 01" in text
 

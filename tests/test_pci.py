@@ -214,7 +214,7 @@ def test_bars_are_placed_and_size_like_hardware(assigned) -> None:
     device.config_write(0x20, 4, 0xFFFFFFFF)
     assert device.config_read(0x20, 4) == 0xFFFFFFE1
     assert fake.config[0x10:0x24] != b"\xff" * 20, "BAR writes stay with pyvmm"
-    assert device.config_read(pci.INTERRUPT_LINE, 1) == pci.intx_gsi(3, 1) == 19
+    assert device.config_read(pci.INTERRUPT_LINE, 1) == pci.intx_irq(3, 1) == 11
 
 
 def test_decoding_maps_bars_where_the_guest_put_them(assigned) -> None:

@@ -34,7 +34,7 @@
 #define  PCI_STATUS_CAP_LIST 0x0010        /* the capability list exists */
 #define PCI_BAR0 0x10
 #define PCI_CAPABILITY_LIST 0x34
-#define PCI_INTERRUPT_LINE 0x3C            /* pyvmm stores the INTx GSI here */
+#define PCI_INTERRUPT_LINE 0x3C            /* the INTx IRQ (10 or 11): 8259 and IOAPIC */
 #define PCI_INTERRUPT_PIN 0x3D             /* 0: none, 1: INTA ... 4: INTD */
 
 /* Capability IDs (the first byte of each capability). */

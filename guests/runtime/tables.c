@@ -183,3 +183,29 @@ enum mp_error mp_parse(const u8 *floating, struct mp_info *info)
 	}
 	return MP_OK;
 }
+
+int mp_pci_interrupt(const u8 *floating, u8 slot, u8 pin, u8 *ioapic_pin, u16 *flags)
+{
+	const u8 *c = phys(get_le32(floating + 4));
+	u16 length = get_le16(c + 4), count = get_le16(c + 34);
+	const u8 *e = c + 44;
+	int pci_bus = -1;
+
+	/* The spec orders the entries: buses come before the interrupts that name them. */
+	for (u16 i = 0; i < count && e < c + length; i++) {
+		if (e[0] == 0) {
+			e += 20;
+			continue;
+		}
+		if (e[0] == 1 && !memcmp(e + 2, "PCI   ", 6) && pci_bus < 0)
+			pci_bus = e[1];
+		if (e[0] == 3 && pci_bus >= 0 && e[4] == pci_bus &&
+		    e[5] == (u8)(slot << 2 | (pin - 1))) {
+			*flags = get_le16(e + 2);
+			*ioapic_pin = e[7];
+			return 0;
+		}
+		e += 8;
+	}
+	return -1;
+}

@@ -106,4 +106,10 @@ enum mp_error {
 /* Check and parse the configuration table the floating pointer names. */
 enum mp_error mp_parse(const u8 *floating, struct mp_info *info);
 
+/* The IOAPIC input the MP table wires INTx pin (1 = INTA) of PCI bus 0's slot to, as an OS
+ * reads it: the I/O interrupt entry whose source bus is the "PCI" bus entry and whose source
+ * IRQ is slot << 2 | (pin - 1). Fills *ioapic_pin and *flags (MPS INTI) and returns 0, or
+ * -1 if there is no such entry. Call it on a table mp_parse checked. */
+int mp_pci_interrupt(const u8 *floating, u8 slot, u8 pin, u8 *ioapic_pin, u16 *flags);
+
 #endif

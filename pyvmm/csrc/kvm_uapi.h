@@ -112,6 +112,36 @@ struct kvm_pit_config {
 	uint32_t pad[15];
 };
 
+/* The in-kernel 8259's state (KVM_GET_IRQCHIP / KVM_SET_IRQCHIP, chip 0 or 1): pyvmm sets
+ * its ELCR, the edge/level control that PC firmware programs. */
+struct kvm_pic_state {
+	uint8_t last_irr;
+	uint8_t irr;
+	uint8_t imr;
+	uint8_t isr;
+	uint8_t priority_add;
+	uint8_t irq_base;
+	uint8_t read_reg_select;
+	uint8_t poll;
+	uint8_t special_mask;
+	uint8_t init_state;
+	uint8_t auto_eoi;
+	uint8_t rotate_on_auto_eoi;
+	uint8_t special_fully_nested_mode;
+	uint8_t init4;
+	uint8_t elcr;
+	uint8_t elcr_mask;
+};
+
+struct kvm_irqchip {
+	uint32_t chip_id;
+	uint32_t pad;
+	union {
+		char dummy[512];
+		struct kvm_pic_state pic;
+	} chip;
+};
+
 struct kvm_irq_level {
 	union {
 		uint32_t irq;
@@ -261,6 +291,8 @@ struct kvm_run {
 #define KVM_SET_IDENTITY_MAP_ADDR _IOW(KVMIO, 0x48, uint64_t)
 #define KVM_CREATE_IRQCHIP _IO(KVMIO, 0x60)
 #define KVM_IRQ_LINE _IOW(KVMIO, 0x61, struct kvm_irq_level)
+#define KVM_GET_IRQCHIP _IOWR(KVMIO, 0x62, struct kvm_irqchip)
+#define KVM_SET_IRQCHIP _IOR(KVMIO, 0x63, struct kvm_irqchip)
 #define KVM_SET_GSI_ROUTING _IOW(KVMIO, 0x6a, struct kvm_irq_routing)
 #define KVM_IRQFD _IOW(KVMIO, 0x76, struct kvm_irqfd)
 #define KVM_CREATE_PIT2 _IOW(KVMIO, 0x77, struct kvm_pit_config)

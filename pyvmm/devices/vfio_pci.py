@@ -114,7 +114,7 @@ class VfioPciDevice:
         self._place_bars(resources)
         self._find_capabilities()
         pin = self._device_read(pci.INTERRUPT_PIN, 1)
-        self.interrupt_line = pci.intx_gsi(self.slot, pin) if 1 <= pin <= 4 else 0xFF
+        self.interrupt_line = pci.intx_irq(self.slot, pin) if 1 <= pin <= 4 else 0xFF
         if 1 <= pin <= 4 and device.get_irq_info(INTX).count:
             self.intx = IntxLine(device, self.vm, self.interrupt_line)
             self.intx.enable()  # at set-up a failure is the assignment's, not the guest's

@@ -55,6 +55,28 @@ class PciFunction(Protocol):
         ...
 
 
-def intx_gsi(slot: int, pin: int) -> int:
-    """The IOAPIC pin that INTx pin (1 = INTA) of a slot is wired to (docs/guest-abi.md)."""
-    return 16 + (slot + pin - 1) % 8
+#: The 8259 IRQs of PCI interrupt links A-D, as SeaBIOS routes them on QEMU's machines (its
+#: pciinit.c, pci_irqs): links A and B to IRQ 10, C and D to IRQ 11.
+LINK_IRQS = (10, 10, 11, 11)
+#: The IRQs QEMU's tables declare for PCI, level-triggered and active-high (its pci_irq_mask:
+#: the links' possible IRQs 5, 10 and 11, and the SCI, 9): each has an MADT override.
+PCI_IRQS = (5, 9, 10, 11)
+
+
+def intx_link(slot: int, pin: int) -> int:
+    """The interrupt link (0 = A ... 3 = D) that INTx pin (1 = INTA) of a slot is wired to.
+
+    The PIIX rotation, as SeaBIOS and QEMU's i440fx wire bus 0: slot 1's INTA is link A,
+    slot 2's link B, and so on around the four links (docs/guest-abi.md).
+    """
+    return (slot - 1 + pin - 1) % 4
+
+
+def intx_irq(slot: int, pin: int) -> int:
+    """The IRQ (8259 input and IOAPIC pin alike) that INTx pin of a slot drives."""
+    return LINK_IRQS[intx_link(slot, pin)]
+
+
+def level_triggered_irqs() -> tuple[int, ...]:
+    """The IRQs the ELCR marks level-triggered: every one a link is routed to, as SeaBIOS."""
+    return tuple(sorted(set(LINK_IRQS)))
