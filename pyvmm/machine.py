@@ -23,6 +23,7 @@ from pyvmm._native import lib
 from pyvmm.assign import Undo, VfioAssignments
 from pyvmm.boot import BootPlan, BootProtocol, load_guest
 from pyvmm.bus import Bus, ForwardFaults, PythonHandler
+from pyvmm.cpu_features import apply_cpu_features
 from pyvmm.devices.debug_exit import DEBUG_EXIT_PORT, add_debug_exit
 from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
 from pyvmm.devices.options import parse_device_option
@@ -94,6 +95,8 @@ class Machine:
         self.pci: PciBus | None = None
         self.assigned: list[VfioPciDevice] = []
         self._vfio: VfioAssignments | None = None
+        #: CPUID features to set (True) or clear (False) by QEMU's names (pyvmm.cpu_features)
+        self.cpu_features: dict[str, bool] = {}
         try:
             self.kvm = Kvm(kvm_path)
             self._closers.append(self.kvm.close)
@@ -355,6 +358,7 @@ class Machine:
                 self.memory, self.mode, self._resources.high_top, self.boot.protocol.value
             )
         cpuid = self.kvm.supported_cpuid()
+        apply_cpu_features(cpuid, self.cpu_features)
         if self.pci is not None:  # a PC-style boot, or assigned devices: describe the machine
             write_firmware_tables(self._boot_memory(), self.cpus, cpuid)
         if self.firmware is not None and self.image is not None:

@@ -112,6 +112,11 @@ struct kvm_pit_config {
 	uint32_t pad[15];
 };
 
+struct kvm_reinject_control {
+	uint8_t pit_reinject;
+	uint8_t reserved[31];
+};
+
 struct kvm_irq_level {
 	union {
 		uint32_t irq;
@@ -261,6 +266,7 @@ struct kvm_run {
 #define KVM_SET_IDENTITY_MAP_ADDR _IOW(KVMIO, 0x48, uint64_t)
 #define KVM_CREATE_IRQCHIP _IO(KVMIO, 0x60)
 #define KVM_IRQ_LINE _IOW(KVMIO, 0x61, struct kvm_irq_level)
+#define KVM_REINJECT_CONTROL _IO(KVMIO, 0x71)
 #define KVM_SET_GSI_ROUTING _IOW(KVMIO, 0x6a, struct kvm_irq_routing)
 #define KVM_IRQFD _IOW(KVMIO, 0x76, struct kvm_irqfd)
 #define KVM_CREATE_PIT2 _IOW(KVMIO, 0x77, struct kvm_pit_config)
