@@ -4,7 +4,7 @@
  *   pyvmm-qemu         -cpu host,-x2apic,+avx2 -kernel mb_cpu_flags.elf
  * print the same lines on the same host. Leaf 1's OSXSAVE bit (ECX 27) mirrors
  * CR4, which the boot loader sets, so it is left out. With the word "triple"
- * in its command line the kernel then triple-faults (an empty IDT, then int3),
+ * in its command line the kernel then triple-faults (an empty IDT, then ud2),
  * so that a harness sees what -no-reboot does with a reset.
  */
 #include "runtime.h"
@@ -54,7 +54,7 @@ int multiboot_main(u32 magic, const struct multiboot_info *mbi)
 	    has_word((const char *)(uptr)mbi->cmdline, "triple")) {
 		static const struct { u16 limit; u32 base; } __attribute__((packed)) empty = {0, 0};
 		print("mb_cpu_flags: triple fault\n");
-		__asm__ volatile("lidt %0; int3" : : "m"(empty));
+		__asm__ volatile("lidt %0; ud2" : : "m"(empty));
 	}
 	return 0;
 }

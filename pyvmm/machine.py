@@ -177,10 +177,14 @@ class Machine:
             raise ConfigurationError("add devices before run()")
         device = parse_device_option(option)
         if device.name == "isa-debug-exit":
-            if self._default_debug_exit:
-                self.pio.remove(DEBUG_EXIT_PORT)
-                self._default_debug_exit = False
+            self.remove_default_debug_exit()
             add_debug_exit(self.pio, device.properties["iobase"], device.properties["iosize"])
+
+    def remove_default_debug_exit(self) -> None:
+        """Take away the isa-debug-exit every machine has at 0xF4 (QEMU has none by default)."""
+        if self._default_debug_exit:
+            self.pio.remove(DEBUG_EXIT_PORT)
+            self._default_debug_exit = False
 
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.

@@ -120,6 +120,7 @@ def run_arguments(command: QemuCommand) -> list[str]:
 
 def _configure(command: QemuCommand):
     def configure(machine: Machine) -> None:
+        machine.remove_default_debug_exit()  # QEMU has a debug exit only where -device puts one
         machine.cpu_features = dict(command.cpu_features)
         # Tell now, as QEMU does at start, which +features the host's KVM cannot give.
         for warning in apply_cpu_features(machine.kvm.supported_cpuid(), command.cpu_features):
