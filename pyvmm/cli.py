@@ -11,7 +11,9 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyvmm.boot import BootProtocol
 from pyvmm.devices.options import is_emulated
@@ -21,6 +23,10 @@ from pyvmm.hostcli import add_parsers as add_device_parsers
 from pyvmm.ioctl import trace_to
 from pyvmm.multiboot import split_module_list
 from pyvmm.x86 import CpuMode
+
+if TYPE_CHECKING:
+    from pyvmm.machine import Machine
+    from pyvmm.result import RunResult
 
 _STATUSES = "\n".join(
     f"  {status.value:3d}  {status.name.lower().replace('_', ' ')}"
@@ -176,6 +182,17 @@ def _is_open(fd: int) -> bool:
 
 def run_command(args: argparse.Namespace) -> int:
     """Boot the guest as asked and return the process exit status."""
+    return run_guest(args).exit_status & 0xFF
+
+
+def run_guest(
+    args: argparse.Namespace, configure: Callable[[Machine], None] | None = None
+) -> RunResult:
+    """Boot the guest as `pyvmm run` args ask, report on stderr, and return how it ended.
+
+    configure, if given, sees the machine once the guest and devices are in, before it runs
+    (pyvmm-qemu sets CPU features and the PIT's tick policy there).
+    """
     from pyvmm.machine import Machine
 
     if args.trace:
@@ -213,6 +230,8 @@ def run_command(args: argparse.Namespace) -> int:
                 machine.add_device(device)
             else:
                 machine.assign(device, vfio=args.vfio, mmap=not args.no_mmap)
+        if configure is not None:
+            configure(machine)
         if args.serial == "stdio" and _is_open(0):
             machine.serial.start_input(0)
         result = machine.run(timeout=args.timeout)
@@ -237,7 +256,7 @@ def run_command(args: argparse.Namespace) -> int:
         for space, record in (("port", result.unclaimed_pio), ("MMIO", result.unclaimed_mmio)):
             if record.count:
                 print(f"pyvmm: warning: {record.describe(space)}", file=sys.stderr)
-    return result.exit_status & 0xFF
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

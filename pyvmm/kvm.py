@@ -167,6 +167,14 @@ class Vm(FileHandle):
             value |= state.chip.pic.elcr << first
         return value
 
+    def set_pit_reinject(self, reinject: bool) -> None:
+        """Choose whether the PIT delivers the ticks a guest missed (KVM's default) or drops them.
+
+        QEMU's `-global kvm-pit.lost_tick_policy=discard` turns reinjection off, `delay` keeps it.
+        """
+        control = ffi.new("struct kvm_reinject_control *", {"pit_reinject": int(reinject)})
+        _ioctl(self.fd, lib.KVM_REINJECT_CONTROL, "KVM_REINJECT_CONTROL", control)
+
     def irq_line(self, irq: int, level: int) -> None:
         """Drive an in-kernel irqchip input (GSI) high or low."""
         line = ffi.new("struct kvm_irq_level *")

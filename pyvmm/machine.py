@@ -23,6 +23,7 @@ from pyvmm._native import lib
 from pyvmm.assign import Undo, VfioAssignments
 from pyvmm.boot import BootPlan, BootProtocol, load_guest
 from pyvmm.bus import Bus, ForwardFaults, PythonHandler
+from pyvmm.cpu_features import apply_cpu_features
 from pyvmm.devices.debug_exit import DEBUG_EXIT_PORT, add_debug_exit
 from pyvmm.devices.fw_cfg import FwCfg, add_fw_cfg
 from pyvmm.devices.options import parse_device_option
@@ -97,6 +98,8 @@ class Machine:
         self.pc_testdev: PcTestdev | None = None
         self.assigned: list[VfioPciDevice] = []
         self._vfio: VfioAssignments | None = None
+        #: CPUID features to set (True) or clear (False) by QEMU's names (pyvmm.cpu_features)
+        self.cpu_features: dict[str, bool] = {}
         try:
             self.kvm = Kvm(kvm_path)
             self._closers.append(self.kvm.close)
@@ -182,9 +185,7 @@ class Machine:
             raise ConfigurationError("add devices before run()")
         device = parse_device_option(option)
         if device.name == "isa-debug-exit":
-            if self._default_debug_exit:
-                self.pio.remove(DEBUG_EXIT_PORT)
-                self._default_debug_exit = False
+            self.remove_default_debug_exit()
             add_debug_exit(self.pio, device.properties["iobase"], device.properties["iosize"])
         elif device.name == "pc-testdev":
             self.enable_irqchip()  # its IRQ-line ports drive the in-kernel 8259 and IOAPIC
@@ -196,6 +197,12 @@ class Machine:
         """Place an I/O BAR for an emulated function, as for assigned devices; its first port."""
         self._enable_pci()
         return self._resources.io(size)
+
+    def remove_default_debug_exit(self) -> None:
+        """Take away the isa-debug-exit every machine has at 0xF4 (QEMU has none by default)."""
+        if self._default_debug_exit:
+            self.pio.remove(DEBUG_EXIT_PORT)
+            self._default_debug_exit = False
 
     def assign(self, device: str, vfio: str = "auto", mmap: bool = True) -> VfioPciDevice:
         """Give the guest a host PCI device or mdev through VFIO, on the next free PCI slot.
@@ -373,6 +380,7 @@ class Machine:
                 self.memory, self.mode, self._resources.high_top, self.boot.protocol.value
             )
         cpuid = self.kvm.supported_cpuid()
+        apply_cpu_features(cpuid, self.cpu_features)
         if self.pci is not None:  # a PC-style boot, or assigned devices: describe the machine
             write_firmware_tables(self._boot_memory(), self.cpus, cpuid)
         if self.firmware is not None and self.image is not None:

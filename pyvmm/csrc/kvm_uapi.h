@@ -142,6 +142,11 @@ struct kvm_irqchip {
 	} chip;
 };
 
+struct kvm_reinject_control {
+	uint8_t pit_reinject;
+	uint8_t reserved[31];
+};
+
 struct kvm_irq_level {
 	union {
 		uint32_t irq;
@@ -293,6 +298,9 @@ struct kvm_run {
 #define KVM_IRQ_LINE _IOW(KVMIO, 0x61, struct kvm_irq_level)
 #define KVM_GET_IRQCHIP _IOWR(KVMIO, 0x62, struct kvm_irqchip)
 #define KVM_SET_IRQCHIP _IOR(KVMIO, 0x63, struct kvm_irqchip)
+};
+
+#define KVM_REINJECT_CONTROL _IO(KVMIO, 0x71)
 #define KVM_SET_GSI_ROUTING _IOW(KVMIO, 0x6a, struct kvm_irq_routing)
 #define KVM_IRQFD _IOW(KVMIO, 0x76, struct kvm_irqfd)
 #define KVM_CREATE_PIT2 _IOW(KVMIO, 0x77, struct kvm_pit_config)
