@@ -298,8 +298,6 @@ struct kvm_run {
 #define KVM_IRQ_LINE _IOW(KVMIO, 0x61, struct kvm_irq_level)
 #define KVM_GET_IRQCHIP _IOWR(KVMIO, 0x62, struct kvm_irqchip)
 #define KVM_SET_IRQCHIP _IOR(KVMIO, 0x63, struct kvm_irqchip)
-};
-
 #define KVM_REINJECT_CONTROL _IO(KVMIO, 0x71)
 #define KVM_SET_GSI_ROUTING _IOW(KVMIO, 0x6a, struct kvm_irq_routing)
 #define KVM_IRQFD _IOW(KVMIO, 0x76, struct kvm_irqfd)
