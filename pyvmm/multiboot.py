@@ -16,9 +16,11 @@ pyvmm builds the same, without a BIOS:
    line (its path, a space, then the --append text, as QEMU writes it) and the boot loader
    name; then each module, page-aligned, in the order given.
 4. Below 1 MiB, where QEMU's option ROM puts them: the memory map at 0x9000 and the
-   information structure at 0x9500.
+   information structure at 0x9500. QEMU loads a kernel linked in conventional memory
+   (0x500 to the EBDA) too, with the same layout after it; pyvmm then moves these two, and
+   its boot GDT, out of the kernel's way (layout.place_low_region).
 5. Entry: 32-bit protected mode, flat segments, paging and interrupts off, EAX = 0x2BADB002,
-   EBX = 0x9500 (x86.py and boot.py do that part).
+   EBX = the information structure (x86.py and boot.py do that part).
 
 Every check runs before anything is written to guest RAM, and each failure is a
 GuestImageError naming the file, the problem and the fix. docs/guest-abi.md ("Multiboot")
@@ -36,7 +38,14 @@ from pathlib import Path
 from pyvmm.e820 import LOW_RAM_END, MemoryRange, memory_map
 from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.imagefile import open_regular, read_regular
-from pyvmm.layout import MULTIBOOT_INFO, MULTIBOOT_MMAP
+from pyvmm.layout import (
+    BOOT_GDT,
+    CONVENTIONAL_RAM,
+    MULTIBOOT_INFO,
+    MULTIBOOT_MMAP,
+    Region,
+    place_low_region,
+)
 from pyvmm.loader import PROTECTED_LOAD_MIN, LoadedImage, Segment, inspect_elf, load_elf
 from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory, describe_size
 
@@ -68,10 +77,13 @@ INFO_FLAGS = (
     INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
 )
 
-#: Where QEMU's option ROM builds the memory map and the information structure (layout.py):
-#: in conventional memory below any kernel (loaded at 1 MiB or above).
+#: Where QEMU's option ROM builds the memory map and the information structure (layout.py),
+#: for any kernel not in their way; the structure follows the map at INFO_OFFSET wherever.
 MMAP_ADDRESS = MULTIBOOT_MMAP.start
 INFO_ADDRESS = MULTIBOOT_INFO.start
+INFO_OFFSET = INFO_ADDRESS - MMAP_ADDRESS
+#: A multiboot kernel may lie here, or in RAM from 1 MiB.
+LOW_LOAD_RANGE = (CONVENTIONAL_RAM.start, CONVENTIONAL_RAM.end)
 #: The fields up to the VBE ones, as QEMU writes them: flags ... vbe_interface_len.
 INFO_SIZE = MULTIBOOT_INFO.size
 #: BIOS drive 0x80 (the first hard disk), no partition: what QEMU reports.
@@ -122,12 +134,24 @@ class MultibootInfo:
     image: LoadedImage
     header: MultibootHeader
     address: int  #: of the information structure: EBX at entry
+    mmap_address: int
+    gdt: Region  #: where the boot GDT goes (moved out of a low kernel's way)
+    after_image: tuple[int, int]  #: [start, end) of the module list, strings and modules
     cmdline: str
     modules: tuple[MultibootModule, ...]
     memory_map: tuple[MemoryRange, ...]
     mem_lower: int  #: KiB
     mem_upper: int  #: KiB
     warnings: tuple[str, ...] = ()
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        """The boot GDT, memory map and information structure, where this boot put them."""
+        return (
+            self.gdt,
+            Region(MULTIBOOT_MMAP.name, self.mmap_address, INFO_OFFSET),
+            Region(MULTIBOOT_INFO.name, self.address, INFO_SIZE),
+        )
 
 
 def split_module_list(text: str) -> list[str]:
@@ -273,12 +297,34 @@ def _raw_image(path: Path, header: MultibootHeader, file_size: int) -> _RawImage
 
 
 def _check_in_ram(path: Path, memory: GuestMemory, start: int, end: int) -> None:
+    low, high = LOW_LOAD_RANGE
+    if low <= start and end <= high:
+        return
     if start < PROTECTED_LOAD_MIN or not memory.contains(start, end - start):
         raise GuestImageError(
-            f"{path}: the multiboot image [{start:#x}, {end:#x}) lies outside guest RAM above "
-            f"1 MiB (RAM ends at {memory.regions[0].end:#x} below the 3 GiB hole): relink the "
-            "kernel or give it more --memory"
+            f"{path}: the multiboot image [{start:#x}, {end:#x}) lies outside conventional "
+            f"memory [{low:#x}, {high:#x}) and guest RAM above 1 MiB (RAM ends at "
+            f"{memory.regions[0].end:#x} below the 3 GiB hole): relink the kernel or give it "
+            "more --memory"
         )
+
+
+def _place_structures(path: Path, occupied: Sequence[Region]) -> tuple[Region, Region]:
+    """The memory map with the information structure after it, and the boot GDT: at their
+    usual addresses, or clear of a kernel (and what follows it) below 1 MiB."""
+    info = place_low_region("the multiboot boot information", INFO_OFFSET + INFO_SIZE,
+                            MMAP_ADDRESS, occupied)  # fmt: skip
+    gdt = None
+    if info is not None:
+        gdt = place_low_region(BOOT_GDT.name, BOOT_GDT.size, BOOT_GDT.start, [*occupied, info])
+    if gdt is None:
+        spans = ", ".join(f"[{r.start:#x}, {r.end:#x})" for r in occupied if r.size)
+        raise GuestImageError(
+            f"{path}: the kernel and its boot information ({spans}) leave no room in "
+            f"conventional memory for the multiboot memory map and boot GDT "
+            f"({INFO_OFFSET + INFO_SIZE + BOOT_GDT.size:#x} bytes): relink the kernel"
+        )
+    return info, gdt
 
 
 def _read_modules(entries: Sequence[str], memory: GuestMemory) -> list[tuple[str, Path, bytes]]:
@@ -358,7 +404,7 @@ def load_multiboot(
     if raw is None:
         # The ELF loader's checks (every segment in RAM above 1 MiB, no overlap), and
         # where the image ends: the modules go after it.
-        image = inspect_elf(memory, path)
+        image = inspect_elf(memory, path, conventional=LOW_LOAD_RANGE)
         start = min(s.guest_phys_addr for s in image.segments)
         end = max(s.guest_phys_addr + s.memory_size for s in image.segments)
     else:
@@ -388,6 +434,15 @@ def load_multiboot(
             f"kernel, but RAM below the 3 GiB hole ends at {memory.regions[0].end:#x}: "
             "give the guest more --memory or smaller modules"
         )
+    if info_area < MIB and top > CONVENTIONAL_RAM.end:
+        raise GuestImageError(
+            f"the multiboot modules and boot information need conventional memory up to "
+            f"{top:#x} after the kernel, past its end at {CONVENTIONAL_RAM.end:#x} (the EBDA): "
+            "link the kernel at or above 1 MiB, or use smaller modules"
+        )
+    after = Region("the module list, strings and modules", info_area, top - info_area)
+    block, gdt = _place_structures(path, [Region("the kernel", start, end - start), after])
+    mmap_address, info_address = block.start, block.start + INFO_OFFSET
 
     mmap = memory_map(memory)
     if len(mmap) > MMAP_MAX_ENTRIES:  # cannot happen with pyvmm's RAM layout; a guard
@@ -399,7 +454,7 @@ def load_multiboot(
 
     # Everything is checked: write.
     if raw is None:
-        load_elf(memory, path)
+        load_elf(memory, path, conventional=LOW_LOAD_RANGE)
     else:
         with open_regular(path, "guest image") as file:
             memory.load_from_file(file, raw.file_offset, start, raw.load_size)
@@ -412,9 +467,9 @@ def load_multiboot(
         )
         memory.write(module.start, loaded[index][2])
     memory.write(strings_at, strings)
-    memory.fill(MMAP_ADDRESS, INFO_ADDRESS + INFO_SIZE - MMAP_ADDRESS)
+    memory.fill(block.start, block.size)
     memory.write(
-        MMAP_ADDRESS,
+        mmap_address,
         b"".join(_MMAP_ENTRY.pack(_MMAP_ENTRY.size - 4, r.base, r.length, r.type) for r in mmap),
     )
     info = bytearray(INFO_SIZE)
@@ -422,13 +477,16 @@ def load_multiboot(
         "<7I", info, 0, INFO_FLAGS, mem_lower, mem_upper, BOOT_DEVICE, cmdline_address,
         len(placed), info_area,
     )  # fmt: skip
-    struct.pack_into("<II", info, 44, _MMAP_ENTRY.size * len(mmap), MMAP_ADDRESS)
+    struct.pack_into("<II", info, 44, _MMAP_ENTRY.size * len(mmap), mmap_address)
     struct.pack_into("<I", info, 64, loader_name_address)
-    memory.write(INFO_ADDRESS, info)
+    memory.write(info_address, info)
     return MultibootInfo(
         image=image,
         header=header,
-        address=INFO_ADDRESS,
+        address=info_address,
+        mmap_address=mmap_address,
+        gdt=gdt,
+        after_image=(info_area, top),
         cmdline=cmdline,
         modules=tuple(placed),
         memory_map=tuple(mmap),

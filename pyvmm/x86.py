@@ -18,6 +18,7 @@ from pyvmm.layout import (
     PAGE_DIRECTORIES_START,
     PDPT,
     PML4,
+    Region,
     boot_regions,
     check_layout,
     plan_identity_map,
@@ -53,16 +54,25 @@ class CpuMode(enum.Enum):
 
 
 def write_boot_tables(
-    memory: GuestMemory, mode: CpuMode, device_top: int = 0, protocol: str = "elf"
+    memory: GuestMemory,
+    mode: CpuMode,
+    device_top: int = 0,
+    protocol: str = "elf",
+    placed: tuple[Region, ...] | None = None,
 ) -> None:
     """Write the GDT, and in long mode page tables identity-mapping [0, max(4 GiB, RAM top,
     device_top)) (device_top: the end of any BAR placed above RAM), where pyvmm's layout
-    (layout.py) puts them for protocol's guests; ConfigurationError if they do not fit."""
+    (layout.py) puts them for protocol's guests; ConfigurationError if they do not fit.
+
+    placed: the GDT (first) and the protocol's regions where the boot put them, if it
+    moved them (a multiboot kernel below 1 MiB; protected mode only).
+    """
     if mode is CpuMode.REAL:
         return
-    memory.view(BOOT_GDT.start, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
+    gdt = placed[0] if placed else BOOT_GDT
+    memory.view(gdt.start, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
     if mode is not CpuMode.LONG:
-        check_layout(boot_regions(protocol, 0))
+        check_layout(boot_regions(protocol, 0, placed))
         return
     gigabytes = plan_identity_map(protocol, memory.top, device_top)
     memory.view(PML4.start, 8, np.uint64)[0] = PDPT.start | PAGE_PRESENT | PAGE_WRITE
@@ -91,7 +101,7 @@ def _segment(
     segment.unusable = 0
 
 
-def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
+def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int, gdt: int) -> None:
     sregs = vcpu.get_sregs()
     data_segments = (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss)
     if mode is CpuMode.REAL:
@@ -108,7 +118,7 @@ def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
         _segment(sregs.cs, code, 0, 0xFFFFFFFF, 11, g=1, l=int(long_mode), db=int(not long_mode))
         for segment in data_segments:
             _segment(segment, DATA_SELECTOR, 0, 0xFFFFFFFF, 3, g=1, db=1)
-        sregs.gdt.base = BOOT_GDT.start
+        sregs.gdt.base = gdt
         sregs.gdt.limit = 8 * len(GDT_ENTRIES) - 1
         # An empty IDT: any exception escalates to a triple fault, which pyvmm reports.
         sregs.idt.base = 0
@@ -159,14 +169,16 @@ def setup_vcpu(
     count: int,
     supported_cpuid: Cdata,
     registers: Mapping[str, int] | None = None,
+    gdt: int = BOOT_GDT.start,
 ) -> None:
     """Put a fresh vCPU at the guest's entry, in mode, with its index and the vCPU count.
 
     registers overrides general-purpose registers by kvm_regs field name, for boot protocols
-    that pass more at entry (multiboot: {"rax": 0x2BADB002, "rbx": info address}).
+    that pass more at entry (multiboot: {"rax": 0x2BADB002, "rbx": info address}); gdt is
+    where write_boot_tables wrote the GDT.
     """
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
-    _set_sregs(vcpu, mode, entry)
+    _set_sregs(vcpu, mode, entry, gdt)
     regs = vcpu.get_regs()
     for name in ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "r8", "r9", "r10", "r11"):
         setattr(regs, name, 0)
