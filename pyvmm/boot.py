@@ -30,13 +30,8 @@ from pyvmm.layout import BOOT_GDT, Region
 from pyvmm.linux import LinuxImage, enter_linux, is_bzimage, load_linux
 from pyvmm.loader import LoadedImage, load_elf
 from pyvmm.memory import GuestMemory
-from pyvmm.multiboot import (
-    BOOTLOADER_MAGIC,
-    HEADER_SEARCH,
-    MultibootInfo,
-    find_header,
-    load_multiboot,
-)
+from pyvmm.multiboot import BOOTLOADER_MAGIC, MultibootInfo, load_multiboot
+from pyvmm.multiboot_header import HEADER_SEARCH, find_header
 from pyvmm.x86 import CpuMode
 
 

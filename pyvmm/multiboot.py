@@ -5,10 +5,11 @@ QEMU's hw/i386/multiboot.c and its option ROM (pc-bios/optionrom/multiboot.S) sa
 kernel written against ``qemu-system-x86_64 -kernel K -append A -initrd "M1 ARGS,M2"`` gets.
 pyvmm builds the same, without a BIOS:
 
-1. The header: magic 0x1BADB002, 4-byte aligned in the first 8192 bytes of the file, with
-   magic + flags + checksum == 0 (mod 2^32). Flag bits 0-15 are requirements: bit 0 (page-
-   aligned modules) and bit 1 (memory information) are always met; bit 2 (a video mode) is
-   ignored with a warning, as QEMU does; any other is refused, as the spec asks.
+1. The header (multiboot_header.py): magic 0x1BADB002, 4-byte aligned in the first 8192
+   bytes of the file, with magic + flags + checksum == 0 (mod 2^32). Flag bits 0-15 are
+   requirements: bit 0 (page-aligned modules) and bit 1 (memory information) are always met;
+   bit 2 (a video mode) is ignored with a warning, as QEMU does; any other is refused, as
+   the spec asks.
 2. The image: an ELF32 file through pyvmm's ELF loader (by physical addresses), or, with
    flag bit 16 (the "a.out kludge"), the bytes the header's address fields describe, from any
    file. ELF64 without bit 16 is refused, as QEMU refuses it.
@@ -48,23 +49,10 @@ from pyvmm.layout import (
 )
 from pyvmm.loader import PROTECTED_LOAD_MIN, LoadedImage, Segment, inspect_elf, load_elf
 from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory, describe_size
+from pyvmm.multiboot_header import MultibootHeader, check_flags, raw_image
 
-HEADER_MAGIC = 0x1BADB002
 #: What the kernel finds in EAX: proof that a multiboot loader entered it.
 BOOTLOADER_MAGIC = 0x2BADB002
-#: The header lies completely within this many bytes from the start of the file.
-HEADER_SEARCH = 8192
-
-# Header flags. Bits 0-15 are requirements a loader must meet or refuse; 16-31 are optional.
-FLAG_PAGE_ALIGN = 1 << 0
-FLAG_MEMORY_INFO = 1 << 1
-FLAG_VIDEO_MODE = 1 << 2
-FLAG_ADDRESS_FIELDS = 1 << 16  #: the "a.out kludge": load by the header, not by ELF
-REQUIRED_FLAGS = 0xFFFF
-HONOURED_FLAGS = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO | FLAG_VIDEO_MODE
-
-#: Header length: magic, flags and checksum; the address fields; the video fields.
-HEADER_SIZE, ADDRESS_HEADER_SIZE, VIDEO_HEADER_SIZE = 12, 32, 48
 
 # Information structure flags: what pyvmm fills in (QEMU's set).
 INFO_MEMORY = 1 << 0
@@ -95,25 +83,6 @@ _MMAP_ENTRY = struct.Struct("<IQQI")
 MMAP_MAX_ENTRIES = (INFO_ADDRESS - MMAP_ADDRESS) // _MMAP_ENTRY.size
 #: mod_start, mod_end (one past the last byte, as QEMU and GRUB), string, reserved.
 _MODULE = struct.Struct("<IIII")
-_HEADER = struct.Struct("<12I")
-
-
-@dataclass(frozen=True)
-class MultibootHeader:
-    """A multiboot header found in an image: where, its flags and its address fields."""
-
-    offset: int  #: file offset of the magic
-    flags: int
-    header_addr: int = 0
-    load_addr: int = 0
-    load_end_addr: int = 0
-    bss_end_addr: int = 0
-    entry_addr: int = 0
-
-    @property
-    def address_fields(self) -> bool:
-        """Whether flag bit 16 says to load by the address fields (the a.out kludge)."""
-        return bool(self.flags & FLAG_ADDRESS_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -175,125 +144,6 @@ def split_module_list(text: str) -> list[str]:
         index += 1
     entries.append("".join(current))
     return entries
-
-
-def find_header(path: Path, head: bytes, file_size: int) -> MultibootHeader | None:
-    """The multiboot header in head (the file's first bytes), or None if there is no magic.
-
-    A magic whose checksum fails is skipped, as QEMU and GRUB do, but if no valid header
-    follows it is reported (GuestImageError): a kernel with a broken header should hear why
-    it is not booted as multiboot. So is a header cut short by the end of the file.
-    """
-    limit = min(len(head), HEADER_SEARCH, file_size)
-    bad_checksum = None
-    for offset in range(0, limit - 3, 4):
-        if struct.unpack_from("<I", head, offset)[0] != HEADER_MAGIC:
-            continue
-        if offset + HEADER_SIZE > limit:
-            if limit < file_size:
-                break  # cut by the 8192-byte limit, not the file: not a header (as GRUB)
-            raise GuestImageError(
-                f"{path}: truncated multiboot header: the magic at offset {offset:#x} is not "
-                f"followed by flags and checksum (the file ends at {file_size:#x}): rebuild it"
-            )
-        flags, checksum = struct.unpack_from("<II", head, offset + 4)
-        if (HEADER_MAGIC + flags + checksum) & 0xFFFFFFFF:
-            bad_checksum = bad_checksum or (offset, flags, checksum)
-            continue
-        size = HEADER_SIZE
-        if flags & FLAG_ADDRESS_FIELDS:
-            size = ADDRESS_HEADER_SIZE
-        if flags & FLAG_VIDEO_MODE:
-            size = VIDEO_HEADER_SIZE
-        if offset + size > limit:
-            raise GuestImageError(
-                f"{path}: truncated multiboot header: flags {flags:#x} make it {size} bytes "
-                f"from offset {offset:#x}, past the end of the "
-                f"{'file' if limit == file_size else 'first 8192 bytes'}: rebuild it"
-            )
-        if not flags & FLAG_ADDRESS_FIELDS:
-            return MultibootHeader(offset, flags)  # what follows is not address fields
-        fields = _HEADER.unpack_from(head[offset : offset + size] + bytes(48 - size))
-        return MultibootHeader(offset, flags, *fields[3:8])
-    if bad_checksum is not None:
-        offset, flags, checksum = bad_checksum
-        raise GuestImageError(
-            f"{path}: bad multiboot header checksum at offset {offset:#x}: magic + flags "
-            f"{flags:#x} + checksum {checksum:#x} is not 0 mod 2^32: fix the header "
-            "(or boot it with --boot elf)"
-        )
-    return None
-
-
-def _check_flags(path: Path, header: MultibootHeader) -> tuple[str, ...]:
-    unsupported = header.flags & REQUIRED_FLAGS & ~HONOURED_FLAGS
-    if unsupported:
-        raise GuestImageError(
-            f"{path}: the multiboot header requires features pyvmm does not know "
-            f"(flag bits {unsupported:#06x}; only bits 0-2 are defined): "
-            "the spec says to refuse such a kernel"
-        )
-    if header.flags & FLAG_VIDEO_MODE:
-        return (
-            f"{path} asks for a video mode (multiboot flag bit 2): pyvmm has no display, "
-            "so it is ignored, as QEMU ignores it",
-        )
-    return ()
-
-
-@dataclass(frozen=True)
-class _RawImage:
-    """Where the a.out-kludge fields say the image goes."""
-
-    file_offset: int
-    load_size: int
-    end: int  #: of the image including bss
-
-
-def _raw_image(path: Path, header: MultibootHeader, file_size: int) -> _RawImage:
-    """Check the address fields against each other and the file (Multiboot 3.1.3)."""
-    h = header
-    if h.load_addr > h.header_addr:
-        raise GuestImageError(
-            f"{path}: multiboot load_addr {h.load_addr:#x} is above header_addr "
-            f"{h.header_addr:#x}: the spec requires load_addr <= header_addr"
-        )
-    file_offset = h.offset - (h.header_addr - h.load_addr)
-    if file_offset < 0:
-        raise GuestImageError(
-            f"{path}: multiboot header_addr - load_addr ({h.header_addr - h.load_addr:#x}) is "
-            f"more than the header's file offset ({h.offset:#x}): the address fields are "
-            "inconsistent"
-        )
-    if h.load_end_addr == 0:
-        load_size = file_size - file_offset  # text and data are the rest of the file
-    elif h.load_end_addr < h.load_addr:
-        raise GuestImageError(
-            f"{path}: multiboot load_end_addr {h.load_end_addr:#x} is below load_addr "
-            f"{h.load_addr:#x}: the address fields are inconsistent"
-        )
-    else:
-        load_size = h.load_end_addr - h.load_addr
-        if file_offset + load_size > file_size:
-            raise GuestImageError(
-                f"{path} is truncated: multiboot load_end_addr {h.load_end_addr:#x} needs "
-                f"{load_size:#x} bytes from file offset {file_offset:#x}, the file has "
-                f"{file_size:#x}: rebuild or re-copy it"
-            )
-    end = h.load_addr + load_size
-    if h.bss_end_addr:
-        if h.bss_end_addr < end:
-            raise GuestImageError(
-                f"{path}: multiboot bss_end_addr {h.bss_end_addr:#x} is below the end of the "
-                f"loaded image {end:#x}: the address fields are inconsistent"
-            )
-        end = h.bss_end_addr
-    if not h.load_addr <= h.entry_addr < h.load_addr + load_size:
-        raise GuestImageError(
-            f"{path}: multiboot entry_addr {h.entry_addr:#x} is outside the loaded image "
-            f"[{h.load_addr:#x}, {h.load_addr + load_size:#x})"
-        )
-    return _RawImage(file_offset, load_size, end)
 
 
 def _check_in_ram(path: Path, memory: GuestMemory, start: int, end: int) -> None:
@@ -374,7 +224,7 @@ def load_multiboot(
     append = os.fsdecode(append)
     if "\0" in append:
         raise ConfigurationError("the --append text has a NUL character: remove it")
-    warnings = _check_flags(path, header)
+    warnings = check_flags(path, header)
     with open_regular(path, "guest image") as file:
         try:
             ident = file.read(5)  # ELF magic and class
@@ -383,7 +233,7 @@ def load_multiboot(
         file_size = os.fstat(file.fileno()).st_size
     raw = None
     if header.address_fields:
-        raw = _raw_image(path, header, file_size)
+        raw = raw_image(path, header, file_size)
         start, end, entry = header.load_addr, raw.end, header.entry_addr
         _check_in_ram(path, memory, start, end)
     else:

@@ -22,10 +22,10 @@ from pyvmm.memory import GIB, MIB, GuestMemory, parse_size
 from pyvmm.multiboot import (
     INFO_ADDRESS,
     MMAP_ADDRESS,
-    find_header,
     load_multiboot,
     split_module_list,
 )
+from pyvmm.multiboot_header import find_header
 from tests.test_loader import elf64
 
 KERNEL = guest_path("multiboot_info")

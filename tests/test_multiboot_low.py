@@ -23,7 +23,8 @@ from pyvmm import ExitStatus, guest_path
 from pyvmm.errors import GuestImageError
 from pyvmm.layout import BOOT_GDT, CONVENTIONAL_RAM, FIRMWARE_WORK_AREA, Region
 from pyvmm.memory import MIB, GuestMemory
-from pyvmm.multiboot import INFO_ADDRESS, INFO_SIZE, MMAP_ADDRESS, find_header, load_multiboot
+from pyvmm.multiboot import INFO_ADDRESS, INFO_SIZE, MMAP_ADDRESS, load_multiboot
+from pyvmm.multiboot_header import find_header
 from tests.test_multiboot import POWER_OFF, aout_kernel, assert_one_line, elf32, header, parse
 
 TIMEOUT = 60
