@@ -63,7 +63,7 @@ from pyvmm.linux import COMMAND_LINE, LINUX_GDT
 from pyvmm.memory import PAGE_SIZE, GuestMemory, MemorySlots
 from pyvmm.mptable import FLOATING_POINTER_ADDRESS, MP_AREA_END
 from pyvmm.multiboot import BOOT_LOADER_NAME, INFO_SIZE
-from pyvmm.x86 import CpuMode, vcpu_cpuid
+from pyvmm.x86 import CpuMode, model_msrs, vcpu_cpuid
 
 #: The image: the last 64 KiB below 4 GiB, the reset vector 16 bytes from its end.
 ROM_SIZE = 0x10000
@@ -266,10 +266,12 @@ class Firmware:
     def start_vcpu(self, vcpu: Vcpu, index: int, supported_cpuid: Cdata) -> None:
         """Leave a vCPU in its reset state, to run the firmware from the reset vector.
 
-        Only its CPUID is set, with the vCPU index as APIC ID: the firmware tells the boot
-        CPU (0) from the others by it, and KVM allows long mode only where CPUID says LM.
+        Only the CPU model is set: CPUID, with the vCPU index as APIC ID (the firmware tells
+        the boot CPU (0) from the others by it, and KVM allows long mode only where CPUID
+        says LM), and the microcode revision.
         """
         vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
+        vcpu.set_msrs(model_msrs())
 
     def close(self) -> None:
         """Release the staging RAM and the ROM's host memory (after the vCPUs are gone)."""

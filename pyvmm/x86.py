@@ -7,6 +7,8 @@ kvmtool and Firecracker do, instead of running firmware that would switch modes.
 from __future__ import annotations
 
 import enum
+import functools
+import struct
 from collections.abc import Mapping
 
 import numpy as np
@@ -43,6 +45,49 @@ MSR_MTRR_DEF_TYPE = 0x2FF
 #: honours guest MTRRs, and a guest left with the reset value (uncached) crawls.
 MTRR_DEF_TYPE_WB_ENABLED = 0xC06
 CPUID_1_ECX_HYPERVISOR = 1 << 31
+#: CPUID.5:ECX: MONITOR/MWAIT extensions enumerated, interrupts break MWAIT: QEMU sets both.
+CPUID_5_ECX_EMX_IBE = 0x3
+#: The processor brand string leaves: 16 bytes each.
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
+
+
+MSR_IA32_UCODE_REV = 0x8B
+
+
+@functools.cache
+def _host_cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty if it cannot be read)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def host_brand_string() -> bytes:
+    """The host CPU's brand string, 48 bytes NUL-padded, as QEMU's -cpu host passes it on
+    (KVM_GET_SUPPORTED_CPUID leaves it empty)."""
+    brand = _host_cpuinfo().get("model name", "")
+    return brand.encode("ascii", "replace")[:47].ljust(48, b"\0")
+
+
+def model_msrs() -> dict[int, int]:
+    """MSRs that are part of the CPU model: the host's microcode revision, as QEMU gives
+    -cpu host (in the low half on AMD, the high half on Intel); none if it is unknown."""
+    info = _host_cpuinfo()
+    try:
+        revision = int(info.get("microcode", ""), 0)
+    except ValueError:
+        return {}
+    if info.get("vendor_id") != "AuthenticAMD":
+        revision <<= 32
+    return {MSR_IA32_UCODE_REV: revision}
 
 
 class CpuMode(enum.Enum):
@@ -146,7 +191,10 @@ def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
     CPUID.1:ECX[31] (hypervisor) is set, as QEMU sets it on KVM: Linux reads the hypervisor
     leaves (0x40000000: KVM's signature and features, kvm-clock among them) only when it is,
     and KVM_GET_SUPPORTED_CPUID does not always report it (the rig's 6.12 does not; 6.18 does).
+    As QEMU's -cpu host: leaf 0x5 ECX has EMX and IBE, and leaves 0x80000002-4 the host's
+    brand string. docs/guest-abi.md lists what still differs from QEMU's model, and why.
     """
+    brand = host_brand_string()
     cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": supported.nent, "entries": supported.nent})
     ffi.memmove(
         cpuid.entries, supported.entries, supported.nent * ffi.sizeof("struct kvm_cpuid_entry2")
@@ -158,6 +206,11 @@ def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
             entry.ecx |= CPUID_1_ECX_HYPERVISOR
         elif entry.function in (0xB, 0x1F):
             entry.edx = index
+        elif entry.function == 5:
+            entry.ecx |= CPUID_5_ECX_EMX_IBE
+        elif entry.function in BRAND_LEAVES:
+            offset = 16 * BRAND_LEAVES.index(entry.function)
+            entry.eax, entry.ebx, entry.ecx, entry.edx = struct.unpack_from("<4I", brand, offset)
     return cpuid
 
 
@@ -189,7 +242,7 @@ def setup_vcpu(
     for name, value in (registers or {}).items():
         setattr(regs, name, value)
     vcpu.set_regs(regs)
-    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED})
+    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED, **model_msrs()})
 
 
 def setup_waiting_vcpu(vcpu: Vcpu, index: int, supported_cpuid: Cdata) -> None:
@@ -200,4 +253,4 @@ def setup_waiting_vcpu(vcpu: Vcpu, index: int, supported_cpuid: Cdata) -> None:
     not CPUID or the MTRRs, so these are what the AP runs with once the guest starts it.
     """
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
-    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED})
+    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED, **model_msrs()})
