@@ -26,16 +26,12 @@ from pathlib import Path
 from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.imagefile import open_regular
 from pyvmm.kvm import Vcpu
+from pyvmm.layout import BOOT_GDT, Region
 from pyvmm.linux import LinuxImage, enter_linux, is_bzimage, load_linux
 from pyvmm.loader import LoadedImage, load_elf
 from pyvmm.memory import GuestMemory
-from pyvmm.multiboot import (
-    BOOTLOADER_MAGIC,
-    HEADER_SEARCH,
-    MultibootInfo,
-    find_header,
-    load_multiboot,
-)
+from pyvmm.multiboot import BOOTLOADER_MAGIC, MultibootInfo, load_multiboot
+from pyvmm.multiboot_header import HEADER_SEARCH, find_header
 from pyvmm.x86 import CpuMode
 
 
@@ -60,6 +56,10 @@ class BootPlan:
     #: LAPIC (which this needs). False: every vCPU at the entry at once.
     boot_cpu_only: bool = False
     multiboot: MultibootInfo | None = None
+    #: Where the boot GDT goes; the GDT and the protocol's own low regions as this boot placed
+    #: them (None: their usual places, layout.py).
+    gdt: Region = BOOT_GDT
+    regions: tuple[Region, ...] | None = None
     linux: LinuxImage | None = None
     #: Adjusts the boot CPU after the mode's set-up (Linux's selectors), if the protocol needs.
     enter: Callable[[Vcpu], None] | None = None
@@ -128,6 +128,8 @@ def load_guest(
             registers={"rax": BOOTLOADER_MAGIC, "rbx": info.address},
             boot_cpu_only=True,
             multiboot=info,
+            gdt=info.gdt,
+            regions=info.regions,
             warnings=info.warnings,
         )
 

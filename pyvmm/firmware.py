@@ -51,9 +51,9 @@ from pyvmm.imagefile import open_regular
 from pyvmm.ioctl import Cdata
 from pyvmm.kvm import Vcpu, Vm
 from pyvmm.layout import (
-    BOOT_GDT,
     BOOT_PAGE,
     FIRMWARE_RECORD,
+    FIRMWARE_WORK_AREA,
     PAGE_DIRECTORIES_START,
     boot_regions,
     check_layout,
@@ -62,8 +62,8 @@ from pyvmm.layout import (
 from pyvmm.linux import COMMAND_LINE, LINUX_GDT
 from pyvmm.memory import PAGE_SIZE, GuestMemory, MemorySlots
 from pyvmm.mptable import FLOATING_POINTER_ADDRESS, MP_AREA_END
-from pyvmm.multiboot import BOOT_LOADER_NAME, INFO_SIZE, MMAP_ADDRESS
-from pyvmm.x86 import CpuMode, vcpu_cpuid
+from pyvmm.multiboot import BOOT_LOADER_NAME, INFO_SIZE
+from pyvmm.x86 import CpuMode, model_msrs, vcpu_cpuid
 
 #: The image: the last 64 KiB below 4 GiB, the reset vector 16 bytes from its end.
 ROM_SIZE = 0x10000
@@ -171,12 +171,28 @@ class Firmware:
         self.blobs: list[Blob] = []
 
     def check(self, plan: BootPlan) -> None:
-        """Refuse what the firmware cannot enter: real mode (its RAM holds the firmware)."""
+        """Refuse what the firmware cannot enter: real mode (its RAM holds the firmware),
+        and a kernel below 1 MiB that it would load over its own RAM and page tables."""
         if plan.mode not in MODE_CODES:
             raise ConfigurationError(
                 f"--firmware enters a guest in long or protected mode, not {plan.mode.value}: "
                 "boot a real-mode guest without --firmware"
             )
+        spans = [(s.guest_phys_addr, s.guest_phys_addr + s.memory_size)
+                 for s in plan.image.segments]  # fmt: skip
+        if plan.multiboot is not None:
+            spans += [(m.start, m.end) for m in plan.multiboot.modules]
+            spans += [(r.start, r.end) for r in plan.multiboot.regions[1:]]
+            spans.append(plan.multiboot.after_image)
+        area = FIRMWARE_WORK_AREA
+        for start, end in spans:
+            if start < area.end and area.start < end:
+                raise GuestImageError(
+                    f"{plan.image.path}: with --firmware, [{start:#x}, {end:#x}) of the kernel "
+                    f"and its boot information would overwrite {area.name} "
+                    f"[{area.start:#x}, {area.end:#x}) while the firmware runs: link the kernel "
+                    f"at or above {area.end:#x}, or boot it without --firmware"
+                )
 
     def publish(
         self, fw_cfg: FwCfg, plan: BootPlan, cpus: int, *, device_top: int = 0, tables: bool
@@ -235,7 +251,7 @@ class Firmware:
             MODE_CODES[plan.mode],
             len(blobs),
             map_gib,
-            LINUX_GDT if plan.protocol is BootProtocol.LINUX else BOOT_GDT.start,
+            LINUX_GDT if plan.protocol is BootProtocol.LINUX else plan.gdt.start,
             0,
             plan.image.entry,
             registers["rax"],
@@ -250,10 +266,12 @@ class Firmware:
     def start_vcpu(self, vcpu: Vcpu, index: int, supported_cpuid: Cdata) -> None:
         """Leave a vCPU in its reset state, to run the firmware from the reset vector.
 
-        Only its CPUID is set, with the vCPU index as APIC ID: the firmware tells the boot
-        CPU (0) from the others by it, and KVM allows long mode only where CPUID says LM.
+        Only the CPU model is set: CPUID, with the vCPU index as APIC ID (the firmware tells
+        the boot CPU (0) from the others by it, and KVM allows long mode only where CPUID
+        says LM), and the microcode revision.
         """
         vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
+        vcpu.set_msrs(model_msrs())
 
     def close(self) -> None:
         """Release the staging RAM and the ROM's host memory (after the vCPUs are gone)."""
@@ -269,9 +287,9 @@ def _multiboot_files(plan: BootPlan, staging: GuestMemory) -> list[tuple[str, in
     """The multiboot boot information: map and structure, module list and strings, modules."""
     info = plan.multiboot
     files = []
-    end = info.address + INFO_SIZE
-    files.append(("etc/pyvmm/multiboot-info", MMAP_ADDRESS,
-                  staging.read(MMAP_ADDRESS, end - MMAP_ADDRESS), end - MMAP_ADDRESS))  # fmt: skip
+    start, end = info.mmap_address, info.address + INFO_SIZE
+    files.append(("etc/pyvmm/multiboot-info", start,
+                  staging.read(start, end - start), end - start))  # fmt: skip
     # The module list at mods_addr, then every string: the modules', the command line and
     # the boot loader name, wherever multiboot.py put them after it.
     mbi = staging.read(info.address, INFO_SIZE)

@@ -6,6 +6,8 @@ Below 1 MiB (docs/guest-abi.md's memory map):
     0x2000   the PML4, 0x3000 the PDPT
     0x4000   the page directories: one per GiB the identity map covers, growing up
     0x9000   multiboot: the memory map, then the information structure at 0x9500
+             (both, and the GDT, move out of the way of a kernel linked below 1 MiB:
+             place_low_region())
     0x80000  Linux: the zero page, the boot GDT at 0x81000, the command line at 0x82000
     0xE0000  the ACPI tables (RSDP first), 0xF0000 the MP table
 
@@ -65,6 +67,17 @@ PDPT_ENTRIES = 512
 
 MULTIBOOT_MMAP = Region("the multiboot memory map", 0x9000, 0x500)
 MULTIBOOT_INFO = Region("the multiboot information structure", 0x9500, 88)
+
+#: Conventional memory a multiboot kernel may load into: above the real-mode IVT and the
+#: BIOS data area, below the EBDA the memory map reserves at 0x9FC00.
+CONVENTIONAL_RAM = Region("conventional memory", 0x500, 0x9FC00 - 0x500)
+#: What pyvmm's own low structures never move into: the firmware's boot page and the page
+#: tables it builds for 4 GiB (firmware/pyvmm-fw.S), so that a structure moved for a low
+#: kernel is at the same address with and without --firmware. Their usual places (the GDT
+#: at 0x1000) are inside; only a moved structure keeps out.
+FIRMWARE_WORK_AREA = Region("the firmware's RAM and page tables", 0x1000, 0x7000)
+#: Alignment of a moved structure.
+LOW_REGION_ALIGN = 16
 
 LINUX_ZERO_PAGE = Region("the Linux zero page", 0x80000, PAGE_SIZE)
 LINUX_GDT_REGION = Region("the Linux boot GDT", 0x81000, 32)
@@ -143,10 +156,42 @@ def plan_identity_map(protocol: str, ram_top: int, device_top: int = 0) -> int:
     return gigabytes
 
 
-def boot_regions(protocol: str, map_gib: int) -> tuple[Region, ...]:
-    """Every region a protocol's guest has, with an identity map of map_gib GiB (0: none)."""
+def boot_regions(
+    protocol: str, map_gib: int, placed: tuple[Region, ...] | None = None
+) -> tuple[Region, ...]:
+    """Every region a protocol's guest has, with an identity map of map_gib GiB (0: none).
+
+    placed: the boot GDT and the protocol's regions where this boot put them (a multiboot
+    kernel below 1 MiB moves them), instead of their usual places.
+    """
     tables = (page_directories(map_gib),) if map_gib else ()
-    return (*COMMON_REGIONS, *tables, *PROTOCOL_REGIONS[protocol])
+    if placed is None:
+        return (*COMMON_REGIONS, *tables, *PROTOCOL_REGIONS[protocol])
+    common = tuple(region for region in COMMON_REGIONS if region is not BOOT_GDT)
+    return (*common, *tables, *placed)
+
+
+def place_low_region(name: str, size: int, usual: int, occupied: Iterable[Region]) -> Region | None:
+    """Where a structure of pyvmm's goes in conventional memory, clear of occupied.
+
+    At its usual address if that is free (QEMU's addresses: kernels linked at 1 MiB see
+    no change), else at the lowest LOW_REGION_ALIGN-aligned address in CONVENTIONAL_RAM
+    outside FIRMWARE_WORK_AREA and every occupied region; None if there is none.
+    """
+    occupied = [region for region in occupied if region.size]
+    at_usual = Region(name, usual, size)
+    if not any(at_usual.overlaps(region) for region in occupied):
+        return at_usual
+    blocked = sorted([*occupied, FIRMWARE_WORK_AREA], key=lambda region: region.start)
+    candidate = CONVENTIONAL_RAM.start
+    for region in blocked:
+        if candidate + size <= region.start:
+            break
+        if region.end > candidate:
+            candidate = -(-region.end // LOW_REGION_ALIGN) * LOW_REGION_ALIGN
+    if candidate + size > CONVENTIONAL_RAM.end:
+        return None
+    return Region(name, candidate, size)
 
 
 def check_layout(regions: Iterable[Region]) -> None:

@@ -113,11 +113,17 @@ def _segments(path: Path, elf: ELFFile, file_size: int) -> list[tuple[Segment, i
 
 
 def _check_placement(
-    path: Path, memory: GuestMemory, segments: list[Segment], real_mode: bool
+    path: Path,
+    memory: GuestMemory,
+    segments: list[Segment],
+    real_mode: bool,
+    conventional: tuple[int, int] | None,
 ) -> None:
     low, high = REAL_MODE_LOAD_RANGE if real_mode else (PROTECTED_LOAD_MIN, memory.top)
     for segment in segments:
         start, end = segment.guest_phys_addr, segment.guest_phys_addr + segment.memory_size
+        if conventional is not None and conventional[0] <= start and end <= conventional[1]:
+            continue
         if start < low or end > high or not memory.contains(start, segment.memory_size):
             where = (
                 "conventional memory [0x500, 0xa0000)"
@@ -128,6 +134,9 @@ def _check_placement(
                 )
                 + ")"
             )
+            if conventional is not None:
+                start_low, end_low = conventional
+                where = f"conventional memory [{start_low:#x}, {end_low:#x}) and {where}"
             raise GuestImageError(
                 f"{path}: segment [{start:#x}, {end:#x}) lies outside {where}: "
                 "relink the guest or give it more --memory"
@@ -142,7 +151,7 @@ def _check_placement(
 
 
 def _plan(
-    path: Path, memory: GuestMemory, real_mode: bool
+    path: Path, memory: GuestMemory, real_mode: bool, conventional: tuple[int, int] | None
 ) -> tuple[LoadedImage, list[tuple[Segment, int]]]:
     """Open and check an ELF image: where it goes, and each segment's file offset."""
     with open_regular(path, "guest image") as file:
@@ -150,7 +159,7 @@ def _plan(
         elf = _open_elf(path, file)
         placed = _segments(path, elf, file_size)
         segments = [segment for segment, _ in placed]
-        _check_placement(path, memory, segments, real_mode)
+        _check_placement(path, memory, segments, real_mode, conventional)
         entry = elf["e_entry"]
         if not any(
             s.guest_phys_addr <= entry < s.guest_phys_addr + s.memory_size for s in segments
@@ -159,19 +168,35 @@ def _plan(
         return LoadedImage(path, entry, elf.elfclass, tuple(segments)), placed
 
 
-def inspect_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) -> LoadedImage:
+def inspect_elf(
+    memory: GuestMemory,
+    path: str | Path,
+    *,
+    real_mode: bool = False,
+    conventional: tuple[int, int] | None = None,
+) -> LoadedImage:
     """Make every check load_elf makes and say where the image would go, writing nothing.
 
     For boot protocols that place more data after the image (multiboot modules): they can
     check that it all fits before guest RAM is touched.
     """
-    return _plan(Path(path), memory, real_mode)[0]
+    return _plan(Path(path), memory, real_mode, conventional)[0]
 
 
-def load_elf(memory: GuestMemory, path: str | Path, *, real_mode: bool = False) -> LoadedImage:
-    """Load an ELF32 or ELF64 x86 executable into guest RAM and return where it landed."""
+def load_elf(
+    memory: GuestMemory,
+    path: str | Path,
+    *,
+    real_mode: bool = False,
+    conventional: tuple[int, int] | None = None,
+) -> LoadedImage:
+    """Load an ELF32 or ELF64 x86 executable into guest RAM and return where it landed.
+
+    conventional: a range below 1 MiB [start, end) where a segment may lie too, in
+    protected mode (multiboot kernels: the boot protocol keeps its structures clear).
+    """
     path = Path(path)
-    image, placed = _plan(path, memory, real_mode)
+    image, placed = _plan(path, memory, real_mode, conventional)
     with open_regular(path, "guest image") as file:
         for segment, offset in placed:
             memory.load_from_file(file, offset, segment.guest_phys_addr, segment.file_size)

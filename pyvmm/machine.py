@@ -285,7 +285,9 @@ class Machine:
         if plan.boot_cpu_only:
             self._boot_like_a_pc(plan, append)
         if self.firmware is None:
-            write_boot_tables(self.memory, self.mode, protocol=plan.protocol.value)
+            write_boot_tables(
+                self.memory, self.mode, protocol=plan.protocol.value, placed=plan.regions
+            )
         elif self.fw_cfg is None:
             self.fw_cfg = add_fw_cfg(self)  # where the firmware finds the guest
         return self.image
@@ -362,7 +364,8 @@ class Machine:
                 self.firmware.start_vcpu(vcpu, index, cpuid)  # at the reset vector
             else:
                 registers = self.boot.registers
-                setup_vcpu(vcpu, self.mode, self.image.entry, index, self.cpus, cpuid, registers)
+                setup_vcpu(vcpu, self.mode, self.image.entry, index, self.cpus, cpuid, registers,
+                           self.boot.gdt.start)  # fmt: skip
             if self.irqchip and index:
                 # With an in-kernel LAPIC, APs wait for INIT/SIPI; ours start at the entry
                 # (with firmware, at the reset vector).
@@ -377,8 +380,9 @@ class Machine:
         if self.boot is not None and self.pci is not None and self.firmware is None:
             # 64-bit BARs placed above RAM must be inside the guest's identity map too.
             write_boot_tables(
-                self.memory, self.mode, self._resources.high_top, self.boot.protocol.value
-            )
+                self.memory, self.mode, self._resources.high_top, self.boot.protocol.value,
+                self.boot.regions,
+            )  # fmt: skip
         cpuid = self.kvm.supported_cpuid()
         apply_cpu_features(cpuid, self.cpu_features)
         if self.pci is not None:  # a PC-style boot, or assigned devices: describe the machine

@@ -5,10 +5,11 @@ QEMU's hw/i386/multiboot.c and its option ROM (pc-bios/optionrom/multiboot.S) sa
 kernel written against ``qemu-system-x86_64 -kernel K -append A -initrd "M1 ARGS,M2"`` gets.
 pyvmm builds the same, without a BIOS:
 
-1. The header: magic 0x1BADB002, 4-byte aligned in the first 8192 bytes of the file, with
-   magic + flags + checksum == 0 (mod 2^32). Flag bits 0-15 are requirements: bit 0 (page-
-   aligned modules) and bit 1 (memory information) are always met; bit 2 (a video mode) is
-   ignored with a warning, as QEMU does; any other is refused, as the spec asks.
+1. The header (multiboot_header.py): magic 0x1BADB002, 4-byte aligned in the first 8192
+   bytes of the file, with magic + flags + checksum == 0 (mod 2^32). Flag bits 0-15 are
+   requirements: bit 0 (page-aligned modules) and bit 1 (memory information) are always met;
+   bit 2 (a video mode) is ignored with a warning, as QEMU does; any other is refused, as
+   the spec asks.
 2. The image: an ELF32 file through pyvmm's ELF loader (by physical addresses), or, with
    flag bit 16 (the "a.out kludge"), the bytes the header's address fields describe, from any
    file. ELF64 without bit 16 is refused, as QEMU refuses it.
@@ -16,9 +17,11 @@ pyvmm builds the same, without a BIOS:
    line (its path, a space, then the --append text, as QEMU writes it) and the boot loader
    name; then each module, page-aligned, in the order given.
 4. Below 1 MiB, where QEMU's option ROM puts them: the memory map at 0x9000 and the
-   information structure at 0x9500.
+   information structure at 0x9500. QEMU loads a kernel linked in conventional memory
+   (0x500 to the EBDA) too, with the same layout after it; pyvmm then moves these two, and
+   its boot GDT, out of the kernel's way (layout.place_low_region).
 5. Entry: 32-bit protected mode, flat segments, paging and interrupts off, EAX = 0x2BADB002,
-   EBX = 0x9500 (x86.py and boot.py do that part).
+   EBX = the information structure (x86.py and boot.py do that part).
 
 Every check runs before anything is written to guest RAM, and each failure is a
 GuestImageError naming the file, the problem and the fix. docs/guest-abi.md ("Multiboot")
@@ -36,26 +39,20 @@ from pathlib import Path
 from pyvmm.e820 import LOW_RAM_END, MemoryRange, memory_map
 from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.imagefile import open_regular, read_regular
-from pyvmm.layout import MULTIBOOT_INFO, MULTIBOOT_MMAP
+from pyvmm.layout import (
+    BOOT_GDT,
+    CONVENTIONAL_RAM,
+    MULTIBOOT_INFO,
+    MULTIBOOT_MMAP,
+    Region,
+    place_low_region,
+)
 from pyvmm.loader import PROTECTED_LOAD_MIN, LoadedImage, Segment, inspect_elf, load_elf
 from pyvmm.memory import MIB, PAGE_SIZE, GuestMemory, describe_size
+from pyvmm.multiboot_header import MultibootHeader, check_flags, raw_image
 
-HEADER_MAGIC = 0x1BADB002
 #: What the kernel finds in EAX: proof that a multiboot loader entered it.
 BOOTLOADER_MAGIC = 0x2BADB002
-#: The header lies completely within this many bytes from the start of the file.
-HEADER_SEARCH = 8192
-
-# Header flags. Bits 0-15 are requirements a loader must meet or refuse; 16-31 are optional.
-FLAG_PAGE_ALIGN = 1 << 0
-FLAG_MEMORY_INFO = 1 << 1
-FLAG_VIDEO_MODE = 1 << 2
-FLAG_ADDRESS_FIELDS = 1 << 16  #: the "a.out kludge": load by the header, not by ELF
-REQUIRED_FLAGS = 0xFFFF
-HONOURED_FLAGS = FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO | FLAG_VIDEO_MODE
-
-#: Header length: magic, flags and checksum; the address fields; the video fields.
-HEADER_SIZE, ADDRESS_HEADER_SIZE, VIDEO_HEADER_SIZE = 12, 32, 48
 
 # Information structure flags: what pyvmm fills in (QEMU's set).
 INFO_MEMORY = 1 << 0
@@ -68,10 +65,13 @@ INFO_FLAGS = (
     INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
 )
 
-#: Where QEMU's option ROM builds the memory map and the information structure (layout.py):
-#: in conventional memory below any kernel (loaded at 1 MiB or above).
+#: Where QEMU's option ROM builds the memory map and the information structure (layout.py),
+#: for any kernel not in their way; the structure follows the map at INFO_OFFSET wherever.
 MMAP_ADDRESS = MULTIBOOT_MMAP.start
 INFO_ADDRESS = MULTIBOOT_INFO.start
+INFO_OFFSET = INFO_ADDRESS - MMAP_ADDRESS
+#: A multiboot kernel may lie here, or in RAM from 1 MiB.
+LOW_LOAD_RANGE = (CONVENTIONAL_RAM.start, CONVENTIONAL_RAM.end)
 #: The fields up to the VBE ones, as QEMU writes them: flags ... vbe_interface_len.
 INFO_SIZE = MULTIBOOT_INFO.size
 #: BIOS drive 0x80 (the first hard disk), no partition: what QEMU reports.
@@ -83,25 +83,6 @@ _MMAP_ENTRY = struct.Struct("<IQQI")
 MMAP_MAX_ENTRIES = (INFO_ADDRESS - MMAP_ADDRESS) // _MMAP_ENTRY.size
 #: mod_start, mod_end (one past the last byte, as QEMU and GRUB), string, reserved.
 _MODULE = struct.Struct("<IIII")
-_HEADER = struct.Struct("<12I")
-
-
-@dataclass(frozen=True)
-class MultibootHeader:
-    """A multiboot header found in an image: where, its flags and its address fields."""
-
-    offset: int  #: file offset of the magic
-    flags: int
-    header_addr: int = 0
-    load_addr: int = 0
-    load_end_addr: int = 0
-    bss_end_addr: int = 0
-    entry_addr: int = 0
-
-    @property
-    def address_fields(self) -> bool:
-        """Whether flag bit 16 says to load by the address fields (the a.out kludge)."""
-        return bool(self.flags & FLAG_ADDRESS_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -122,12 +103,24 @@ class MultibootInfo:
     image: LoadedImage
     header: MultibootHeader
     address: int  #: of the information structure: EBX at entry
+    mmap_address: int
+    gdt: Region  #: where the boot GDT goes (moved out of a low kernel's way)
+    after_image: tuple[int, int]  #: [start, end) of the module list, strings and modules
     cmdline: str
     modules: tuple[MultibootModule, ...]
     memory_map: tuple[MemoryRange, ...]
     mem_lower: int  #: KiB
     mem_upper: int  #: KiB
     warnings: tuple[str, ...] = ()
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        """The boot GDT, memory map and information structure, where this boot put them."""
+        return (
+            self.gdt,
+            Region(MULTIBOOT_MMAP.name, self.mmap_address, INFO_OFFSET),
+            Region(MULTIBOOT_INFO.name, self.address, INFO_SIZE),
+        )
 
 
 def split_module_list(text: str) -> list[str]:
@@ -153,132 +146,35 @@ def split_module_list(text: str) -> list[str]:
     return entries
 
 
-def find_header(path: Path, head: bytes, file_size: int) -> MultibootHeader | None:
-    """The multiboot header in head (the file's first bytes), or None if there is no magic.
-
-    A magic whose checksum fails is skipped, as QEMU and GRUB do, but if no valid header
-    follows it is reported (GuestImageError): a kernel with a broken header should hear why
-    it is not booted as multiboot. So is a header cut short by the end of the file.
-    """
-    limit = min(len(head), HEADER_SEARCH, file_size)
-    bad_checksum = None
-    for offset in range(0, limit - 3, 4):
-        if struct.unpack_from("<I", head, offset)[0] != HEADER_MAGIC:
-            continue
-        if offset + HEADER_SIZE > limit:
-            if limit < file_size:
-                break  # cut by the 8192-byte limit, not the file: not a header (as GRUB)
-            raise GuestImageError(
-                f"{path}: truncated multiboot header: the magic at offset {offset:#x} is not "
-                f"followed by flags and checksum (the file ends at {file_size:#x}): rebuild it"
-            )
-        flags, checksum = struct.unpack_from("<II", head, offset + 4)
-        if (HEADER_MAGIC + flags + checksum) & 0xFFFFFFFF:
-            bad_checksum = bad_checksum or (offset, flags, checksum)
-            continue
-        size = HEADER_SIZE
-        if flags & FLAG_ADDRESS_FIELDS:
-            size = ADDRESS_HEADER_SIZE
-        if flags & FLAG_VIDEO_MODE:
-            size = VIDEO_HEADER_SIZE
-        if offset + size > limit:
-            raise GuestImageError(
-                f"{path}: truncated multiboot header: flags {flags:#x} make it {size} bytes "
-                f"from offset {offset:#x}, past the end of the "
-                f"{'file' if limit == file_size else 'first 8192 bytes'}: rebuild it"
-            )
-        if not flags & FLAG_ADDRESS_FIELDS:
-            return MultibootHeader(offset, flags)  # what follows is not address fields
-        fields = _HEADER.unpack_from(head[offset : offset + size] + bytes(48 - size))
-        return MultibootHeader(offset, flags, *fields[3:8])
-    if bad_checksum is not None:
-        offset, flags, checksum = bad_checksum
-        raise GuestImageError(
-            f"{path}: bad multiboot header checksum at offset {offset:#x}: magic + flags "
-            f"{flags:#x} + checksum {checksum:#x} is not 0 mod 2^32: fix the header "
-            "(or boot it with --boot elf)"
-        )
-    return None
-
-
-def _check_flags(path: Path, header: MultibootHeader) -> tuple[str, ...]:
-    unsupported = header.flags & REQUIRED_FLAGS & ~HONOURED_FLAGS
-    if unsupported:
-        raise GuestImageError(
-            f"{path}: the multiboot header requires features pyvmm does not know "
-            f"(flag bits {unsupported:#06x}; only bits 0-2 are defined): "
-            "the spec says to refuse such a kernel"
-        )
-    if header.flags & FLAG_VIDEO_MODE:
-        return (
-            f"{path} asks for a video mode (multiboot flag bit 2): pyvmm has no display, "
-            "so it is ignored, as QEMU ignores it",
-        )
-    return ()
-
-
-@dataclass(frozen=True)
-class _RawImage:
-    """Where the a.out-kludge fields say the image goes."""
-
-    file_offset: int
-    load_size: int
-    end: int  #: of the image including bss
-
-
-def _raw_image(path: Path, header: MultibootHeader, file_size: int) -> _RawImage:
-    """Check the address fields against each other and the file (Multiboot 3.1.3)."""
-    h = header
-    if h.load_addr > h.header_addr:
-        raise GuestImageError(
-            f"{path}: multiboot load_addr {h.load_addr:#x} is above header_addr "
-            f"{h.header_addr:#x}: the spec requires load_addr <= header_addr"
-        )
-    file_offset = h.offset - (h.header_addr - h.load_addr)
-    if file_offset < 0:
-        raise GuestImageError(
-            f"{path}: multiboot header_addr - load_addr ({h.header_addr - h.load_addr:#x}) is "
-            f"more than the header's file offset ({h.offset:#x}): the address fields are "
-            "inconsistent"
-        )
-    if h.load_end_addr == 0:
-        load_size = file_size - file_offset  # text and data are the rest of the file
-    elif h.load_end_addr < h.load_addr:
-        raise GuestImageError(
-            f"{path}: multiboot load_end_addr {h.load_end_addr:#x} is below load_addr "
-            f"{h.load_addr:#x}: the address fields are inconsistent"
-        )
-    else:
-        load_size = h.load_end_addr - h.load_addr
-        if file_offset + load_size > file_size:
-            raise GuestImageError(
-                f"{path} is truncated: multiboot load_end_addr {h.load_end_addr:#x} needs "
-                f"{load_size:#x} bytes from file offset {file_offset:#x}, the file has "
-                f"{file_size:#x}: rebuild or re-copy it"
-            )
-    end = h.load_addr + load_size
-    if h.bss_end_addr:
-        if h.bss_end_addr < end:
-            raise GuestImageError(
-                f"{path}: multiboot bss_end_addr {h.bss_end_addr:#x} is below the end of the "
-                f"loaded image {end:#x}: the address fields are inconsistent"
-            )
-        end = h.bss_end_addr
-    if not h.load_addr <= h.entry_addr < h.load_addr + load_size:
-        raise GuestImageError(
-            f"{path}: multiboot entry_addr {h.entry_addr:#x} is outside the loaded image "
-            f"[{h.load_addr:#x}, {h.load_addr + load_size:#x})"
-        )
-    return _RawImage(file_offset, load_size, end)
-
-
 def _check_in_ram(path: Path, memory: GuestMemory, start: int, end: int) -> None:
+    low, high = LOW_LOAD_RANGE
+    if low <= start and end <= high:
+        return
     if start < PROTECTED_LOAD_MIN or not memory.contains(start, end - start):
         raise GuestImageError(
-            f"{path}: the multiboot image [{start:#x}, {end:#x}) lies outside guest RAM above "
-            f"1 MiB (RAM ends at {memory.regions[0].end:#x} below the 3 GiB hole): relink the "
-            "kernel or give it more --memory"
+            f"{path}: the multiboot image [{start:#x}, {end:#x}) lies outside conventional "
+            f"memory [{low:#x}, {high:#x}) and guest RAM above 1 MiB (RAM ends at "
+            f"{memory.regions[0].end:#x} below the 3 GiB hole): relink the kernel or give it "
+            "more --memory"
         )
+
+
+def _place_structures(path: Path, occupied: Sequence[Region]) -> tuple[Region, Region]:
+    """The memory map with the information structure after it, and the boot GDT: at their
+    usual addresses, or clear of a kernel (and what follows it) below 1 MiB."""
+    info = place_low_region("the multiboot boot information", INFO_OFFSET + INFO_SIZE,
+                            MMAP_ADDRESS, occupied)  # fmt: skip
+    gdt = None
+    if info is not None:
+        gdt = place_low_region(BOOT_GDT.name, BOOT_GDT.size, BOOT_GDT.start, [*occupied, info])
+    if gdt is None:
+        spans = ", ".join(f"[{r.start:#x}, {r.end:#x})" for r in occupied if r.size)
+        raise GuestImageError(
+            f"{path}: the kernel and its boot information ({spans}) leave no room in "
+            f"conventional memory for the multiboot memory map and boot GDT "
+            f"({INFO_OFFSET + INFO_SIZE + BOOT_GDT.size:#x} bytes): relink the kernel"
+        )
+    return info, gdt
 
 
 def _read_modules(entries: Sequence[str], memory: GuestMemory) -> list[tuple[str, Path, bytes]]:
@@ -328,7 +224,7 @@ def load_multiboot(
     append = os.fsdecode(append)
     if "\0" in append:
         raise ConfigurationError("the --append text has a NUL character: remove it")
-    warnings = _check_flags(path, header)
+    warnings = check_flags(path, header)
     with open_regular(path, "guest image") as file:
         try:
             ident = file.read(5)  # ELF magic and class
@@ -337,7 +233,7 @@ def load_multiboot(
         file_size = os.fstat(file.fileno()).st_size
     raw = None
     if header.address_fields:
-        raw = _raw_image(path, header, file_size)
+        raw = raw_image(path, header, file_size)
         start, end, entry = header.load_addr, raw.end, header.entry_addr
         _check_in_ram(path, memory, start, end)
     else:
@@ -358,7 +254,7 @@ def load_multiboot(
     if raw is None:
         # The ELF loader's checks (every segment in RAM above 1 MiB, no overlap), and
         # where the image ends: the modules go after it.
-        image = inspect_elf(memory, path)
+        image = inspect_elf(memory, path, conventional=LOW_LOAD_RANGE)
         start = min(s.guest_phys_addr for s in image.segments)
         end = max(s.guest_phys_addr + s.memory_size for s in image.segments)
     else:
@@ -388,6 +284,15 @@ def load_multiboot(
             f"kernel, but RAM below the 3 GiB hole ends at {memory.regions[0].end:#x}: "
             "give the guest more --memory or smaller modules"
         )
+    if info_area < MIB and top > CONVENTIONAL_RAM.end:
+        raise GuestImageError(
+            f"the multiboot modules and boot information need conventional memory up to "
+            f"{top:#x} after the kernel, past its end at {CONVENTIONAL_RAM.end:#x} (the EBDA): "
+            "link the kernel at or above 1 MiB, or use smaller modules"
+        )
+    after = Region("the module list, strings and modules", info_area, top - info_area)
+    block, gdt = _place_structures(path, [Region("the kernel", start, end - start), after])
+    mmap_address, info_address = block.start, block.start + INFO_OFFSET
 
     mmap = memory_map(memory)
     if len(mmap) > MMAP_MAX_ENTRIES:  # cannot happen with pyvmm's RAM layout; a guard
@@ -399,7 +304,7 @@ def load_multiboot(
 
     # Everything is checked: write.
     if raw is None:
-        load_elf(memory, path)
+        load_elf(memory, path, conventional=LOW_LOAD_RANGE)
     else:
         with open_regular(path, "guest image") as file:
             memory.load_from_file(file, raw.file_offset, start, raw.load_size)
@@ -412,9 +317,9 @@ def load_multiboot(
         )
         memory.write(module.start, loaded[index][2])
     memory.write(strings_at, strings)
-    memory.fill(MMAP_ADDRESS, INFO_ADDRESS + INFO_SIZE - MMAP_ADDRESS)
+    memory.fill(block.start, block.size)
     memory.write(
-        MMAP_ADDRESS,
+        mmap_address,
         b"".join(_MMAP_ENTRY.pack(_MMAP_ENTRY.size - 4, r.base, r.length, r.type) for r in mmap),
     )
     info = bytearray(INFO_SIZE)
@@ -422,13 +327,16 @@ def load_multiboot(
         "<7I", info, 0, INFO_FLAGS, mem_lower, mem_upper, BOOT_DEVICE, cmdline_address,
         len(placed), info_area,
     )  # fmt: skip
-    struct.pack_into("<II", info, 44, _MMAP_ENTRY.size * len(mmap), MMAP_ADDRESS)
+    struct.pack_into("<II", info, 44, _MMAP_ENTRY.size * len(mmap), mmap_address)
     struct.pack_into("<I", info, 64, loader_name_address)
-    memory.write(INFO_ADDRESS, info)
+    memory.write(info_address, info)
     return MultibootInfo(
         image=image,
         header=header,
-        address=INFO_ADDRESS,
+        address=info_address,
+        mmap_address=mmap_address,
+        gdt=gdt,
+        after_image=(info_area, top),
         cmdline=cmdline,
         modules=tuple(placed),
         memory_map=tuple(mmap),

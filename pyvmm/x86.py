@@ -7,6 +7,8 @@ kvmtool and Firecracker do, instead of running firmware that would switch modes.
 from __future__ import annotations
 
 import enum
+import functools
+import struct
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,6 +20,7 @@ from pyvmm.layout import (
     PAGE_DIRECTORIES_START,
     PDPT,
     PML4,
+    Region,
     boot_regions,
     check_layout,
     plan_identity_map,
@@ -42,6 +45,49 @@ MSR_MTRR_DEF_TYPE = 0x2FF
 #: honours guest MTRRs, and a guest left with the reset value (uncached) crawls.
 MTRR_DEF_TYPE_WB_ENABLED = 0xC06
 CPUID_1_ECX_HYPERVISOR = 1 << 31
+#: CPUID.5:ECX: MONITOR/MWAIT extensions enumerated, interrupts break MWAIT: QEMU sets both.
+CPUID_5_ECX_EMX_IBE = 0x3
+#: The processor brand string leaves: 16 bytes each.
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
+
+
+MSR_IA32_UCODE_REV = 0x8B
+
+
+@functools.cache
+def _host_cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty if it cannot be read)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def host_brand_string() -> bytes:
+    """The host CPU's brand string, 48 bytes NUL-padded, as QEMU's -cpu host passes it on
+    (KVM_GET_SUPPORTED_CPUID leaves it empty)."""
+    brand = _host_cpuinfo().get("model name", "")
+    return brand.encode("ascii", "replace")[:47].ljust(48, b"\0")
+
+
+def model_msrs() -> dict[int, int]:
+    """MSRs that are part of the CPU model: the host's microcode revision, as QEMU gives
+    -cpu host (in the low half on AMD, the high half on Intel); none if it is unknown."""
+    info = _host_cpuinfo()
+    try:
+        revision = int(info.get("microcode", ""), 0)
+    except ValueError:
+        return {}
+    if info.get("vendor_id") != "AuthenticAMD":
+        revision <<= 32
+    return {MSR_IA32_UCODE_REV: revision}
 
 
 class CpuMode(enum.Enum):
@@ -53,16 +99,25 @@ class CpuMode(enum.Enum):
 
 
 def write_boot_tables(
-    memory: GuestMemory, mode: CpuMode, device_top: int = 0, protocol: str = "elf"
+    memory: GuestMemory,
+    mode: CpuMode,
+    device_top: int = 0,
+    protocol: str = "elf",
+    placed: tuple[Region, ...] | None = None,
 ) -> None:
     """Write the GDT, and in long mode page tables identity-mapping [0, max(4 GiB, RAM top,
     device_top)) (device_top: the end of any BAR placed above RAM), where pyvmm's layout
-    (layout.py) puts them for protocol's guests; ConfigurationError if they do not fit."""
+    (layout.py) puts them for protocol's guests; ConfigurationError if they do not fit.
+
+    placed: the GDT (first) and the protocol's regions where the boot put them, if it
+    moved them (a multiboot kernel below 1 MiB; protected mode only).
+    """
     if mode is CpuMode.REAL:
         return
-    memory.view(BOOT_GDT.start, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
+    gdt = placed[0] if placed else BOOT_GDT
+    memory.view(gdt.start, 8 * len(GDT_ENTRIES), np.uint64)[:] = GDT_ENTRIES
     if mode is not CpuMode.LONG:
-        check_layout(boot_regions(protocol, 0))
+        check_layout(boot_regions(protocol, 0, placed))
         return
     gigabytes = plan_identity_map(protocol, memory.top, device_top)
     memory.view(PML4.start, 8, np.uint64)[0] = PDPT.start | PAGE_PRESENT | PAGE_WRITE
@@ -91,7 +146,7 @@ def _segment(
     segment.unusable = 0
 
 
-def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
+def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int, gdt: int) -> None:
     sregs = vcpu.get_sregs()
     data_segments = (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss)
     if mode is CpuMode.REAL:
@@ -108,7 +163,7 @@ def _set_sregs(vcpu: Vcpu, mode: CpuMode, entry: int) -> None:
         _segment(sregs.cs, code, 0, 0xFFFFFFFF, 11, g=1, l=int(long_mode), db=int(not long_mode))
         for segment in data_segments:
             _segment(segment, DATA_SELECTOR, 0, 0xFFFFFFFF, 3, g=1, db=1)
-        sregs.gdt.base = BOOT_GDT.start
+        sregs.gdt.base = gdt
         sregs.gdt.limit = 8 * len(GDT_ENTRIES) - 1
         # An empty IDT: any exception escalates to a triple fault, which pyvmm reports.
         sregs.idt.base = 0
@@ -136,7 +191,10 @@ def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
     CPUID.1:ECX[31] (hypervisor) is set, as QEMU sets it on KVM: Linux reads the hypervisor
     leaves (0x40000000: KVM's signature and features, kvm-clock among them) only when it is,
     and KVM_GET_SUPPORTED_CPUID does not always report it (the rig's 6.12 does not; 6.18 does).
+    As QEMU's -cpu host: leaf 0x5 ECX has EMX and IBE, and leaves 0x80000002-4 the host's
+    brand string. docs/guest-abi.md lists what still differs from QEMU's model, and why.
     """
+    brand = host_brand_string()
     cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": supported.nent, "entries": supported.nent})
     ffi.memmove(
         cpuid.entries, supported.entries, supported.nent * ffi.sizeof("struct kvm_cpuid_entry2")
@@ -148,6 +206,11 @@ def vcpu_cpuid(supported: Cdata, index: int) -> Cdata:
             entry.ecx |= CPUID_1_ECX_HYPERVISOR
         elif entry.function in (0xB, 0x1F):
             entry.edx = index
+        elif entry.function == 5:
+            entry.ecx |= CPUID_5_ECX_EMX_IBE
+        elif entry.function in BRAND_LEAVES:
+            offset = 16 * BRAND_LEAVES.index(entry.function)
+            entry.eax, entry.ebx, entry.ecx, entry.edx = struct.unpack_from("<4I", brand, offset)
     return cpuid
 
 
@@ -159,14 +222,16 @@ def setup_vcpu(
     count: int,
     supported_cpuid: Cdata,
     registers: Mapping[str, int] | None = None,
+    gdt: int = BOOT_GDT.start,
 ) -> None:
     """Put a fresh vCPU at the guest's entry, in mode, with its index and the vCPU count.
 
     registers overrides general-purpose registers by kvm_regs field name, for boot protocols
-    that pass more at entry (multiboot: {"rax": 0x2BADB002, "rbx": info address}).
+    that pass more at entry (multiboot: {"rax": 0x2BADB002, "rbx": info address}); gdt is
+    where write_boot_tables wrote the GDT.
     """
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
-    _set_sregs(vcpu, mode, entry)
+    _set_sregs(vcpu, mode, entry, gdt)
     regs = vcpu.get_regs()
     for name in ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "r8", "r9", "r10", "r11"):
         setattr(regs, name, 0)
@@ -177,7 +242,7 @@ def setup_vcpu(
     for name, value in (registers or {}).items():
         setattr(regs, name, value)
     vcpu.set_regs(regs)
-    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED})
+    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED, **model_msrs()})
 
 
 def setup_waiting_vcpu(vcpu: Vcpu, index: int, supported_cpuid: Cdata) -> None:
@@ -188,4 +253,4 @@ def setup_waiting_vcpu(vcpu: Vcpu, index: int, supported_cpuid: Cdata) -> None:
     not CPUID or the MTRRs, so these are what the AP runs with once the guest starts it.
     """
     vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, index))
-    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED})
+    vcpu.set_msrs({MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE_WB_ENABLED, **model_msrs()})

@@ -14,6 +14,9 @@ from pyvmm import Machine
 from pyvmm.acpi import build_dsdt
 from pyvmm.errors import ConfigurationError, GuestImageError
 from pyvmm.layout import (
+    BOOT_GDT,
+    CONVENTIONAL_RAM,
+    FIRMWARE_WORK_AREA,
     HIGH_WINDOW_SIZE,
     LINUX_COMMAND_LINE,
     LINUX_ZERO_PAGE,
@@ -26,6 +29,7 @@ from pyvmm.layout import (
     check_layout,
     high_window,
     max_identity_map_gib,
+    place_low_region,
     plan_identity_map,
 )
 from pyvmm.linux import KERNEL_LOAD_ADDRESS, decompression_window, load_linux
@@ -293,3 +297,35 @@ def test_linux_through_the_firmware_with_a_16_gib_bar(kvm_required, tmp_path: Pa
         assert registers.reads == [8]
         line = machine.memory.read(LINUX_COMMAND_LINE.start, 14)
         assert line == b"console=ttyS0\0"
+
+
+# ---- structures moved out of a low multiboot kernel's way (layout.place_low_region) ----
+
+
+def test_low_region_stays_at_its_usual_address_when_free() -> None:
+    kernel = Region("kernel", 0x10000, 0x5000)
+    assert place_low_region("x", 0x558, 0x9000, [kernel]) == Region("x", 0x9000, 0x558)
+
+
+def test_low_region_moves_to_the_lowest_gap_outside_the_firmware_area() -> None:
+    kernel = Region("kernel", 0x8000, 0x6000)  # over 0x9000
+    assert place_low_region("x", 0x558, 0x9000, [kernel]).start == CONVENTIONAL_RAM.start
+    # [0x500, 0x1000) too small: past the firmware's area and the kernel, aligned.
+    first = Region("first", 0x900, 0x200)
+    placed = place_low_region("x", 0x558, 0x9000, [kernel, first])
+    assert placed.start == 0xE000
+    assert not placed.overlaps(FIRMWARE_WORK_AREA)
+
+
+def test_low_region_none_when_nothing_fits() -> None:
+    everything = Region("kernel", CONVENTIONAL_RAM.start, CONVENTIONAL_RAM.size - 0x100)
+    assert place_low_region("x", 0x558, 0x9000, [everything]) is None
+
+
+def test_boot_regions_with_placed_regions_replace_the_gdt_and_protocol_regions() -> None:
+    gdt = Region("the boot GDT", 0x500, 32)
+    mmap = Region("map", 0x520, 0x500)
+    regions = boot_regions("multiboot", 0, (gdt, mmap))
+    assert BOOT_GDT not in regions and MULTIBOOT_MMAP not in regions
+    assert gdt in regions and mmap in regions
+    check_layout(regions)

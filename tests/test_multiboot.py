@@ -22,10 +22,10 @@ from pyvmm.memory import GIB, MIB, GuestMemory, parse_size
 from pyvmm.multiboot import (
     INFO_ADDRESS,
     MMAP_ADDRESS,
-    find_header,
     load_multiboot,
     split_module_list,
 )
+from pyvmm.multiboot_header import find_header
 from tests.test_loader import elf64
 
 KERNEL = guest_path("multiboot_info")
@@ -362,8 +362,8 @@ def bad_image(tmp_path: Path, case: str) -> Path:
         path.write_bytes(bytes(8180) + header(0x10003, (MIB, MIB, 0, 0, MIB + 32)))
     elif case == "above RAM":
         aout_kernel(path, load_addr=256 * MIB)
-    elif case == "below 1 MiB":
-        aout_kernel(path, load_addr=0x8000)
+    elif case == "over the IVT":
+        aout_kernel(path, load_addr=0x100)
     elif case == "ELF above RAM":
         path = elf32(path, 256 * MIB, header(0x3) + POWER_OFF, 0x100, entry=256 * MIB + 12)
     elif case == "ELF64":
@@ -397,9 +397,9 @@ def bad_image(tmp_path: Path, case: str) -> Path:
         ("truncated flags", None, "truncated multiboot header"),
         ("truncated address fields", None, "truncated multiboot header"),
         ("header beyond 8 KiB", None, "past the end of the first 8192 bytes"),
-        ("above RAM", None, "lies outside guest RAM above 1 MiB"),
-        ("below 1 MiB", None, "lies outside guest RAM above 1 MiB"),
-        ("ELF above RAM", None, "lies outside guest RAM above 1 MiB"),
+        ("above RAM", None, "and guest RAM above 1 MiB (RAM ends at 0x4000000"),
+        ("over the IVT", None, "lies outside conventional memory [0x500, 0x9fc00)"),
+        ("ELF above RAM", None, "and guest RAM above 1 MiB ([0x100000, 0x4000000))"),
         ("ELF64", None, "ELF64 multiboot image"),
         ("load_addr above header_addr", None, "load_addr 0x100100 is above header_addr"),
         ("header_addr too far", None, "more than the header's file offset"),
