@@ -9,13 +9,7 @@
  */
 #include "runtime.h"
 #include "multiboot.h"
-
-static void cpuid(u32 leaf, u32 subleaf, u32 r[4])
-{
-	__asm__ volatile("cpuid"
-			 : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3])
-			 : "a"(leaf), "c"(subleaf));
-}
+#include "cpuid.h"
 
 static int has_word(const char *line, const char *word)
 {
@@ -33,22 +27,17 @@ static int has_word(const char *line, const char *word)
 
 int multiboot_main(u32 magic, const struct multiboot_info *mbi)
 {
-	u32 r[4];
+	u32 max_basic = cpuid(0, 0).eax, max_extended = cpuid(0x80000000, 0).eax;
+	struct regs r = cpuid(1, 0);
 
-	cpuid(0, 0, r);
-	u32 max_basic = r[0];
-	cpuid(0x80000000, 0, r);
-	u32 max_extended = r[0];
-
-	cpuid(1, 0, r);
-	printf("leaf 1 ecx %08x edx %08x\n", r[2] & ~(1u << 27), r[3]);
+	printf("leaf 1 ecx %08x edx %08x\n", r.ecx & ~(1u << 27), r.edx);
 	if (max_basic >= 7) {
-		cpuid(7, 0, r);
-		printf("leaf 7 ebx %08x ecx %08x edx %08x\n", r[1], r[2], r[3]);
+		r = cpuid(7, 0);
+		printf("leaf 7 ebx %08x ecx %08x edx %08x\n", r.ebx, r.ecx, r.edx);
 	}
 	if (max_extended >= 0x80000001) {
-		cpuid(0x80000001, 0, r);
-		printf("leaf 80000001 ecx %08x edx %08x\n", r[2], r[3]);
+		r = cpuid(0x80000001, 0);
+		printf("leaf 80000001 ecx %08x edx %08x\n", r.ecx, r.edx);
 	}
 	if (magic == MULTIBOOT_BOOTLOADER_MAGIC && (mbi->flags & MBI_CMDLINE) &&
 	    has_word((const char *)(uptr)mbi->cmdline, "triple")) {

@@ -20,6 +20,7 @@
  */
 #include "runtime.h"
 #include "multiboot.h"
+#include "cpuid.h"
 
 #define CPUID_1_ECX_XSAVE (1u << 26)
 #define CPUID_1_ECX_OSXSAVE (1u << 27)
@@ -40,18 +41,6 @@ enum failure {
 	NO_OSXSAVE,
 	XSAVE_SIZE_MISMATCH,
 };
-
-struct regs { u32 eax, ebx, ecx, edx; };
-
-static struct regs cpuid(u32 leaf, u32 subleaf)
-{
-	struct regs r;
-
-	__asm__ volatile("cpuid"
-			 : "=a"(r.eax), "=b"(r.ebx), "=c"(r.ecx), "=d"(r.edx)
-			 : "a"(leaf), "c"(subleaf));
-	return r;
-}
 
 static void check_hypervisor(void)
 {

@@ -24,21 +24,10 @@
  */
 #include "runtime.h"
 #include "multiboot.h"
+#include "cpuid.h"
 
 #define GP_VECTOR 13
 #define MAX_RANGE 0x60        /* leaves per range at most: a wild maximum stays short */
-
-struct regs { u32 eax, ebx, ecx, edx; };
-
-static struct regs cpuid(u32 leaf, u32 subleaf)
-{
-	struct regs r;
-
-	__asm__ volatile("cpuid"
-			 : "=a"(r.eax), "=b"(r.ebx), "=c"(r.ecx), "=d"(r.edx)
-			 : "a"(leaf), "c"(subleaf));
-	return r;
-}
 
 /* Leaves with subleaves (Intel SDM and AMD APM, CPUID), and how many to read. */
 static const struct { u32 leaf, count; } SUBLEAVES[] = {
