@@ -46,3 +46,14 @@ def traced() -> Iterator[io.StringIO]:
         yield stream
     finally:
         trace_to(None)
+
+
+@pytest.fixture
+def modules(tmp_path):
+    """Two multiboot module files: a short text one and one of more than a page (5000 bytes),
+    small enough that a kernel below 1 MiB still has room for them under the EBDA."""
+    first = tmp_path / "first.txt"
+    first.write_bytes(b"first module, line one\nline two\n")
+    second = tmp_path / "second.bin"
+    second.write_bytes(b"second module\n" + bytes((i * 7 + 3) & 0xFF for i in range(4986)))
+    return first, second

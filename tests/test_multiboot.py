@@ -136,16 +136,6 @@ def parse(text: str) -> dict:
     return out
 
 
-@pytest.fixture
-def modules(tmp_path):
-    """Two module files: a short text one and one of more than a page (5000 bytes)."""
-    first = tmp_path / "first.txt"
-    first.write_bytes(b"first module, line one\nline two\n")
-    second = tmp_path / "second.bin"
-    second.write_bytes(b"second module\n" + bytes((i * 7 + 3) & 0xFF for i in range(4986)))
-    return first, second
-
-
 def check_output(text: str, *, kernel: str, append: str, entries, size: int) -> dict:
     """Every field the kernel printed, against what pyvmm must have built."""
     out = parse(text)

@@ -35,16 +35,6 @@ LOW_INFO = guest_path("mb_low_info")
 QEMU = shutil.which("qemu-system-x86_64")
 
 
-@pytest.fixture
-def modules(tmp_path):
-    """Two small modules: a low kernel's modules must fit below the EBDA too."""
-    first = tmp_path / "first.txt"
-    first.write_bytes(b"first module, line one\nline two\n")
-    second = tmp_path / "second.bin"
-    second.write_bytes(b"second module\n" + bytes((i * 7 + 3) & 0xFF for i in range(4986)))
-    return first, second
-
-
 def run_qemu(kernel: Path, append: str, initrd: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [QEMU, "-machine", "q35", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
